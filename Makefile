@@ -1,0 +1,45 @@
+# sagepairs: `make demo` builds everything and runs the pipeline end to end; `make test` runs the tests.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+DEMO   := demo
+FRAMES ?= 60
+WORKERS ?= $(shell nproc)
+
+.PHONY: install demo test test-fast bench clean-demo
+
+$(BIN)/python:
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) on PATH (or: make PYTHON=/path/to/python3.11)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+# Reinstalls only when pyproject.toml changes.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	rm -rf $(DEMO)
+	$(BIN)/ingest synth $(DEMO)/raw --nodes 2 --frames $(FRAMES) --seed 0 --faults --workers $(WORKERS)
+	$(BIN)/ingest build-shards $(DEMO)/raw $(DEMO)/dataset --nodes $(DEMO)/raw/nodes.csv --workers $(WORKERS)
+	$(BIN)/shards verify $(DEMO)/dataset
+	$(BIN)/catalog describe $(DEMO)/dataset
+	$(BIN)/catalog query $(DEMO)/dataset \
+	  "SELECT vsn, CASE WHEN is_day THEN 'day' WHEN NOT is_day THEN 'night' ELSE 'unknown' END AS daylight, count(*) AS sky_frames FROM samples WHERE is_sky GROUP BY ALL ORDER BY ALL"
+	$(BIN)/catalog select $(DEMO)/dataset --where "is_sky AND is_day" --out $(DEMO)/sky_day.parquet
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m 'not slow'
+
+bench: install
+	$(BIN)/python bench/ingest.py
+	$(BIN)/python bench/catalog.py
+	$(BIN)/python bench/selection.py
+
+clean-demo:
+	rm -rf $(DEMO)

@@ -1,0 +1,198 @@
+"""DuckDB views over a dataset's Parquet catalog, SQL queries, and Selections.
+
+``catalog.open(DATASET)`` gives a :class:`Catalog` with the views ``samples``, ``files``, ``rejects``,
+``shards``, ``nodes`` and ``runs`` (DESIGN.md). It only reads committed parts, so it never sees a writer's
+half-finished work, and it takes no lock.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from catalog.schema import FILES, NODES, RUNS, SAMPLES, SHARDS
+from catalog.store import DatasetLayout
+
+__all__ = ["Catalog", "CatalogError", "open_catalog", "SELECTION_COLUMNS", "VIEWS"]
+
+VIEWS = ("samples", "files", "rejects", "shards", "nodes", "runs")
+
+# What a Selection holds per sample: enough to read it by byte range and to check it against the catalog.
+SELECTION_COLUMNS = (
+    "key",
+    "vsn",
+    "ts_ns",
+    "split",
+    "shard",
+    "shard_bytes",
+    "sample_offset",
+    "sample_length",
+    "ir_offset",
+    "ir_size",
+    "json_offset",
+    "json_size",
+    "rgb_offset",
+    "rgb_size",
+)
+
+
+class CatalogError(ValueError):
+    """A query or selection the catalog cannot answer; the message says why and lists the views."""
+
+
+def _sql_string(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _path_list(paths: list[Path]) -> str:
+    return "[" + ", ".join(_sql_string(str(p.resolve())) for p in paths) + "]"
+
+
+class Catalog:
+    """Read-only SQL access to one dataset's catalog."""
+
+    def __init__(self, dataset: str | os.PathLike[str]) -> None:
+        self.layout = DatasetLayout(dataset)
+        if not self.layout.exists():
+            raise CatalogError(f"{self.layout.root}: not a sagepairs dataset (no catalog/ directory)")
+        self.con = duckdb.connect(":memory:")
+        self.con.execute("SET TimeZone = 'UTC'")
+        self._create_views()
+
+    # -- views ---------------------------------------------------------------------------------------
+    def _empty(self, name: str, schema: pa.Schema) -> str:
+        self.con.register(f"_empty_{name}", schema.empty_table())
+        return f"SELECT * FROM _empty_{name}"
+
+    def _create_views(self) -> None:
+        snapshot = self.layout.latest_snapshot()
+        uncovered = self.layout.uncovered_runs(snapshot)
+        all_runs = self.layout.committed_runs()
+        base = [snapshot.path] if snapshot else []
+
+        samples = [d / "samples.parquet" for d in base + uncovered if (d / "samples.parquet").exists()]
+        self.con.execute(
+            "CREATE VIEW samples AS "
+            + (
+                f"SELECT * FROM read_parquet({_path_list(samples)}, union_by_name = true)"
+                if samples
+                else self._empty("samples", SAMPLES)
+            )
+        )
+
+        files = [d / "files.parquet" for d in base + uncovered if (d / "files.parquet").exists()]
+        if not files:
+            files_sql = self._empty("files", FILES)
+        elif len(files) == 1:
+            files_sql = f"SELECT * FROM read_parquet({_path_list(files)})"
+        else:
+            # Latest word on each path wins: snapshot rows rank 0, run parts by their run number.
+            files_sql = (
+                f"SELECT * EXCLUDE (filename) FROM read_parquet({_path_list(files)}, filename = true, "
+                "union_by_name = true) QUALIFY row_number() OVER (PARTITION BY path ORDER BY "
+                "coalesce(TRY_CAST(regexp_extract(filename, 'run-(\\d+)/files', 1) AS BIGINT), 0) DESC) = 1"
+            )
+        self.con.execute(f"CREATE VIEW files AS {files_sql}")
+        self.con.execute(
+            "CREATE VIEW rejects AS SELECT path, vsn, ts_ns, role, reason, detail, key, ingest_run, bytes "
+            "FROM files WHERE status = 'rejected'"
+        )
+
+        shards = [d / "shards.parquet" for d in all_runs if (d / "shards.parquet").exists()]
+        self.con.execute(
+            "CREATE VIEW shards AS "
+            + (f"SELECT * FROM read_parquet({_path_list(shards)})" if shards else self._empty("shards", SHARDS))
+        )
+        runs = [d / "runs.parquet" for d in all_runs if (d / "runs.parquet").exists()]
+        self.con.execute(
+            "CREATE VIEW runs AS "
+            + (f"SELECT * FROM read_parquet({_path_list(runs)})" if runs else self._empty("runs", RUNS))
+        )
+        nodes = [d / "nodes.parquet" for d in base + uncovered if (d / "nodes.parquet").exists()]
+        self.con.execute(
+            "CREATE VIEW nodes AS "
+            + (f"SELECT * FROM read_parquet({_path_list(nodes[-1:])})" if nodes else self._empty("nodes", NODES))
+        )
+
+    # -- queries -------------------------------------------------------------------------------------
+    def describe_views(self) -> dict[str, list[tuple[str, str]]]:
+        """Each view's columns and DuckDB types."""
+        out = {}
+        for view in VIEWS:
+            rows = self.con.execute(f"DESCRIBE {view}").fetchall()
+            out[view] = [(r[0], r[1]) for r in rows]
+        return out
+
+    def views_help(self) -> str:
+        lines = ["views:"]
+        for view, columns in self.describe_views().items():
+            lines.append(f"  {view}: " + ", ".join(f"{c} {t}" for c, t in columns))
+        return "\n".join(lines)
+
+    def query(self, sql: str, params: list[Any] | None = None) -> pa.Table:
+        """Run SQL over the views; a bad statement raises CatalogError with DuckDB's message and the views."""
+        try:
+            relation = self.con.sql(sql, params=params or None)
+            table = relation.to_arrow_table() if relation is not None else pa.table({})
+        except duckdb.Error as exc:
+            raise CatalogError(f"{exc}\n\n{self.views_help()}") from None
+        return table
+
+    def nodes(self) -> pa.Table:
+        return self.con.execute("SELECT * FROM nodes").to_arrow_table()
+
+    def select(self, where: str | None = None, split: str | None = None, limit: int | None = None) -> pa.Table:
+        """A Selection: the samples matching ``where`` (SQL over ``samples``), in shard order.
+
+        Its schema metadata records the dataset, the filter and the split, so readers need nothing else.
+        """
+        conditions = []
+        params: list[Any] = []
+        if where and where.strip():
+            conditions.append(f"({where})")
+        if split:
+            conditions.append("split = ?")
+            params.append(split)
+        filtered = "SELECT * FROM samples" + (" WHERE " + " AND ".join(conditions) if conditions else "")
+        sql = (
+            "SELECT s.key, s.vsn, s.ts_ns, s.split, s.shard, h.bytes AS shard_bytes, s.sample_offset, "
+            "s.sample_length, s.ir_offset, s.ir_size, s.json_offset, s.json_size, s.rgb_offset, s.rgb_size "
+            f"FROM ({filtered}) s JOIN shards h ON s.shard = h.name ORDER BY s.shard, s.sample_offset"
+            + (f" LIMIT {int(limit)}" if limit is not None else "")
+        )
+        try:
+            table = self.con.sql(sql, params=params or None).to_arrow_table()
+        except duckdb.Error as exc:
+            raise CatalogError(f"bad --where {where!r}: {exc}\n\n{self.views_help()}") from None
+        metadata = {
+            b"sagepairs.dataset": str(self.layout.root.resolve()).encode(),
+            b"sagepairs.where": (where or "").encode(),
+            b"sagepairs.split": (split or "").encode(),
+        }
+        return table.replace_schema_metadata(metadata)
+
+    def close(self) -> None:
+        self.con.close()
+
+    def __enter__(self) -> Catalog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_catalog(dataset: str | os.PathLike[str]) -> Catalog:
+    return Catalog(dataset)
+
+
+def write_selection(selection: pa.Table, path: str | os.PathLike[str]) -> None:
+    """Write a Selection to Parquet atomically (tmp + rename)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(selection, tmp)
+    os.replace(tmp, path)

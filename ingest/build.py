@@ -1,0 +1,387 @@
+"""`ingest build-shards`: raw SAGE downloads -> WebDataset shards + one committed catalog part per run.
+
+Order of work (DESIGN.md): lock the dataset; remove what a killed run left; scan RAW; join metadata; plan
+frames; decode frames in worker processes while the parent writes shards in (VSN, ts_ns) order; commit the
+run's catalog part by rename; compact the catalog. Every raw file ends with exactly one decision.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+from tqdm import tqdm
+
+from catalog.location import load_nodes_csv, splits
+from catalog.maintain import location_table, set_nodes_locked, write_snapshot
+from catalog.query import Catalog
+from catalog.runinfo import dump_config, provenance
+from catalog.schema import FILES, LOCATION_COLUMNS, NODES, RUNS, SAMPLES, SHARDS
+from catalog.store import DatasetLayout, dataset_lock, write_parts
+from ingest.config import IngestConfig
+from ingest.frames import FileDecision, FrameTask, RawFile, metadata_file_kind, plan_frames
+from ingest.metadata import MetadataError, UploadRecord, read_metadata_frame, upload_records
+from ingest.naming import is_sky_position
+from ingest.process import FrameResult, init_worker, process_frame, process_in_worker
+from shards.layout import MEMBERS, shard_index
+from shards.writer import ShardWriter
+
+__all__ = ["BuildSummary", "BuildError", "build_shards", "scan_raw"]
+
+# Rejects decided by decoding; an unchanged file keeps its decision without being decoded again.
+_DECODE_REASONS = {"corrupt_jpeg", "bad_csv_header", "bad_csv_shape", "non_numeric", "out_of_range", "too_many_nan"}
+
+
+class BuildError(RuntimeError):
+    """A build that cannot start (bad paths, bad nodes file); nothing was written."""
+
+
+@dataclass
+class BuildSummary:
+    run_id: str
+    files_seen: int = 0
+    files_new: int = 0
+    samples_added: int = 0
+    frames_decoded: int = 0
+    shards_added: int = 0
+    status_counts: dict[str, int] = field(default_factory=dict)
+    reason_counts: dict[str, int] = field(default_factory=dict)
+    samples_per_node: dict[str, int] = field(default_factory=dict)
+    unlocated_vsns: list[str] = field(default_factory=list)
+    removed_uncommitted: list[str] = field(default_factory=list)
+    decode_seconds: float = 0.0
+    seconds: float = 0.0
+
+    @property
+    def frames_per_second(self) -> float:
+        return self.frames_decoded / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+
+def scan_raw(raw_dir: Path) -> list[RawFile]:
+    """Every regular file under RAW (hidden files included: they must be accounted for too), sorted."""
+    files = []
+    for dirpath, dirnames, filenames in os.walk(raw_dir):
+        dirnames.sort()
+        for name in filenames:
+            full = Path(dirpath) / name
+            try:
+                stat = full.stat()
+            except OSError:
+                continue
+            files.append(RawFile(full.relative_to(raw_dir).as_posix(), stat.st_size))
+    files.sort(key=lambda f: f.path)
+    return files
+
+
+def _load_uploads(raw_dir: Path, files: list[RawFile]) -> tuple[dict, dict]:
+    uploads: dict[tuple[str, int, str], UploadRecord] = {}
+    status: dict[str, tuple[str, str | None, str | None]] = {}
+    for raw in files:
+        if metadata_file_kind(raw.path) != "metadata":
+            continue
+        try:
+            records = upload_records(read_metadata_frame(raw_dir / raw.path), raw.path)
+        except MetadataError as exc:
+            status[raw.path] = ("rejected", "unreadable", str(exc))
+            continue
+        for record in records:
+            uploads.setdefault((record.vsn, record.ts_ns, record.filename), record)
+        status[raw.path] = ("ignored", "metadata", f"{len(records)} upload records")
+    return uploads, status
+
+
+@dataclass
+class _State:
+    files: dict[str, dict]
+    sample_keys: set[str]
+    shard_names: set[str]
+    next_shard: int
+    nodes: pa.Table
+    has_samples: bool
+
+
+def _current_state(layout: DatasetLayout, prefix: str) -> _State:
+    if not layout.exists():
+        return _State({}, set(), set(), 0, NODES.empty_table(), False)
+    with Catalog(layout.root) as catalog:
+        files = {row["path"]: row for row in catalog.query("SELECT * FROM files").to_pylist()}
+        keys = set(catalog.query("SELECT key FROM samples").column("key").to_pylist())
+        shards = catalog.query("SELECT name FROM shards").column("name").to_pylist()
+        nodes = catalog.nodes()
+    numbers = [shard_index(name) for name in shards]
+    next_shard = max((n for n in numbers if n is not None), default=-1) + 1
+    return _State(files, keys, set(shards), next_shard, nodes, bool(keys))
+
+
+def _same_nodes(a: pa.Table, b: pa.Table) -> bool:
+    cols = ["vsn", "node_id", "lat", "lon", "valid_from", "valid_to"]
+    rows = lambda t: sorted(map(tuple, (r.values() for r in t.select(cols).to_pylist())), key=repr)  # noqa: E731
+    return rows(a) == rows(b)
+
+
+def _decode(tasks: list[FrameTask], raw_dir: Path, config: IngestConfig, workers: int) -> Iterator[FrameResult]:
+    if workers <= 1 and len(tasks) < 8:
+        for task in tasks:
+            yield process_frame(task, str(raw_dir), config)
+        return
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(workers, initializer=init_worker, initargs=(str(raw_dir), config)) as pool:
+        yield from pool.imap(process_in_worker, tasks, chunksize=2)
+
+
+def _decision_row(d: FileDecision, run_id: str) -> dict:
+    return {
+        "path": d.path, "bytes": d.bytes, "vsn": d.vsn, "ts_ns": d.ts_ns, "role": d.role, "status": d.status,
+        "reason": d.reason, "detail": d.detail, "key": d.key, "ingest_run": run_id,
+    }
+
+
+def _changed(row: dict, previous: dict | None) -> bool:
+    if previous is None:
+        return True
+    return any(row[k] != previous.get(k) for k in ("bytes", "status", "reason", "detail", "key", "role"))
+
+
+def build_shards(
+    raw_dir: str | os.PathLike[str],
+    dataset: str | os.PathLike[str],
+    config: IngestConfig = IngestConfig(),
+    nodes_csv: str | os.PathLike[str] | None = None,
+    argv: list[str] | None = None,
+    progress: bool = True,
+    recheck_rejects: bool = False,
+    log: Callable[[str], None] = print,
+) -> BuildSummary:
+    """Ingest RAW into DATASET; see the module docstring. Raises BuildError or DatasetLocked before writing."""
+    started = datetime.now(timezone.utc)
+    t_start = time.perf_counter()
+    raw = Path(raw_dir).resolve()
+    root = Path(dataset).resolve()
+    if not raw.is_dir():
+        raise BuildError(f"{raw}: RAW directory does not exist")
+    if root == raw or root.is_relative_to(raw) or raw.is_relative_to(root):
+        raise BuildError(f"DATASET {root} and RAW {raw} must not contain each other")
+    new_nodes = None
+    if nodes_csv is not None:
+        try:
+            new_nodes = load_nodes_csv(nodes_csv)
+        except ValueError as exc:
+            raise BuildError(str(exc)) from None
+    workers = config.workers or os.cpu_count() or 1
+
+    with dataset_lock(root, f"ingest build-shards {raw}"):
+        layout = DatasetLayout(root)
+        state = _current_state(layout, config.shard_prefix)
+        run_id = layout.next_run_id()
+        summary = BuildSummary(run_id=run_id)
+        summary.removed_uncommitted = layout.remove_uncommitted(state.shard_names)
+        for path in summary.removed_uncommitted:
+            log(f"removed uncommitted {path} (left by an interrupted run)")
+
+        nodes = state.nodes
+        nodes_changed = new_nodes is not None and not _same_nodes(new_nodes, nodes)
+        if nodes_changed:
+            if state.has_samples:
+                log(f"nodes differ from the catalog's: recomputing location columns of {len(state.sample_keys)} samples")
+                set_nodes_locked(layout, new_nodes)
+            nodes = new_nodes
+
+        files = scan_raw(raw)
+        summary.files_seen = len(files)
+        summary.files_new = sum(1 for f in files if f.path not in state.files)
+        uploads, metadata_status = _load_uploads(raw, files)
+
+        done = {f.path for f in files if (state.files.get(f.path) or {}).get("status") == "sample"}
+        tasks, decisions = plan_frames(
+            [f for f in files if f.path not in done], uploads, state.sample_keys, metadata_status
+        )
+        decisions += [
+            FileDecision(**{k: v for k, v in state.files[p].items() if k in FileDecision.__dataclass_fields__})
+            for p in sorted(done)
+        ]
+
+        # Decode-stage rejects of unchanged files keep their decision without a second decode.
+        carried: list[FrameTask] = []
+        if not recheck_rejects:
+            to_decode = []
+            for task in tasks:
+                prev_rgb, prev_th = state.files.get(task.rgb_path), state.files.get(task.thermal_path)
+                if (
+                    prev_rgb and prev_th
+                    and prev_rgb["status"] == prev_th["status"] == "rejected"
+                    and prev_rgb["reason"] in _DECODE_REASONS and prev_rgb["reason"] == prev_th["reason"]
+                    and prev_rgb["bytes"] == task.rgb_bytes and prev_th["bytes"] == task.thermal_bytes
+                ):
+                    carried.append(task)
+                else:
+                    to_decode.append(task)
+            tasks = to_decode
+        for task in carried:
+            for path in (task.rgb_path, task.thermal_path):
+                prev = state.files[path]
+                decisions.append(FileDecision(**{k: v for k, v in prev.items() if k in FileDecision.__dataclass_fields__}))
+
+        node_for = _node_ids(nodes)
+        tasks = [replace(t, node_id=node_for(t.vsn, t.ts_ns) or t.node_id) for t in tasks]
+
+        sample_rows: list[dict] = []
+        writer = ShardWriter(
+            layout.shards_dir, config.shard_prefix, state.next_shard, int(config.shard_target_mb * 1024 * 1024)
+        )
+        t_decode = time.perf_counter()
+        try:
+            bar = tqdm(total=len(tasks), unit="frame", desc="ingest", disable=not progress or not tasks, smoothing=0.1)
+            by_key = {t.key: t for t in tasks}
+            for result in _decode(tasks, raw, config, workers):
+                task = by_key[result.key]
+                bar.update(1)
+                if result.members is None:
+                    decisions += _reject_decisions(task, result)
+                    continue
+                location = writer.write(task.key, result.members, mtime=task.ts_ns // 1_000_000_000)
+                sample_rows.append(_sample_row(task, result, location, run_id))
+                decisions.append(FileDecision(task.rgb_path, task.rgb_bytes, task.vsn, task.ts_ns, "rgb", "sample", key=task.key))
+                decisions.append(
+                    FileDecision(task.thermal_path, task.thermal_bytes, task.vsn, task.ts_ns, "thermal", "sample", key=task.key)
+                )
+            bar.close()
+            shard_records = writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        summary.decode_seconds = time.perf_counter() - t_decode
+        summary.frames_decoded = len(tasks)
+
+        assert len(decisions) == len(files), f"accounting: {len(decisions)} decisions for {len(files)} files"
+        assert len({d.path for d in decisions}) == len(files), "accounting: a file has two decisions"
+
+        samples_table = _samples_table(sample_rows, nodes, config)
+        file_rows = [_decision_row(d, run_id) for d in decisions]
+        changed_rows = [r for r in file_rows if _changed(r, state.files.get(r["path"]))]
+        status_counts = Counter(d.status for d in decisions)
+        reason_counts = Counter(d.reason for d in decisions if d.status == "rejected")
+        summary.samples_added = len(sample_rows)
+        summary.shards_added = len(shard_records)
+        summary.status_counts = dict(status_counts)
+        summary.reason_counts = dict(sorted(reason_counts.items()))
+        summary.unlocated_vsns = sorted(
+            {r["vsn"] for r in samples_table.select(["vsn", "lat"]).to_pylist() if r["lat"] is None}
+        )
+
+        prov = provenance(argv, packages=("pillow", "numpy", "pyarrow", "duckdb", "webdataset"))
+        config_text = dump_config(config, extra={"run_id": run_id, "raw_dir": str(raw), **_flat(prov)})
+        run_row = {
+            "id": run_id, "started": started, "finished": datetime.now(timezone.utc),
+            "argv": json.dumps(prov["argv"]), "version": prov["versions"]["sagepairs"], "git_sha": prov["git_sha"],
+            "raw_dir": str(raw), "config": config_text, "files_seen": summary.files_seen,
+            "files_new": summary.files_new, "samples_added": summary.samples_added,
+            "files_rejected": status_counts.get("rejected", 0), "files_ignored": status_counts.get("ignored", 0),
+            "shards_added": summary.shards_added, "reason_counts": json.dumps(summary.reason_counts),
+        }
+        tables = {
+            "samples": samples_table,
+            "files": pa.Table.from_pylist(changed_rows, schema=FILES),
+            "shards": pa.Table.from_pylist([{**vars(r), "ingest_run": run_id} for r in shard_records], schema=SHARDS),
+            "runs": pa.Table.from_pylist([run_row], schema=RUNS),
+        }
+        if nodes_changed:
+            tables["nodes"] = nodes
+        write_parts(layout.runs_dir / run_id, tables, texts={"config.toml": config_text})
+        if sample_rows or changed_rows or nodes_changed or len(layout.committed_runs()) == 1:
+            write_snapshot(layout)
+        with Catalog(root) as catalog:
+            per_node = catalog.query("SELECT vsn, count(*) AS n FROM samples GROUP BY vsn ORDER BY vsn").to_pylist()
+        summary.samples_per_node = {r["vsn"]: r["n"] for r in per_node}
+    summary.seconds = time.perf_counter() - t_start
+    return summary
+
+
+def _flat(prov: dict) -> dict:
+    out = {k: v for k, v in prov.items() if k != "versions"}
+    out["argv"] = " ".join(prov["argv"])
+    out.update({f"version_{k}": v for k, v in prov["versions"].items()})
+    return out
+
+
+def _node_ids(nodes: pa.Table) -> Callable[[str, int], str | None]:
+    periods: dict[str, list[tuple[int, int, str | None]]] = {}
+    for row in nodes.to_pylist():
+        start = -(2**63) if row["valid_from"] is None else int(row["valid_from"].timestamp() * 1e6) * 1000
+        end = 2**63 - 1 if row["valid_to"] is None else int(row["valid_to"].timestamp() * 1e6) * 1000
+        periods.setdefault(row["vsn"], []).append((start, end, row["node_id"]))
+
+    def node_for(vsn: str, ts_ns: int) -> str | None:
+        for start, end, node_id in periods.get(vsn, []):
+            if start <= ts_ns < end:
+                return node_id
+        return None
+
+    return node_for
+
+
+def _reject_decisions(task: FrameTask, result: FrameResult) -> list[FileDecision]:
+    out = []
+    for path, size, role in ((task.rgb_path, task.rgb_bytes, "rgb"), (task.thermal_path, task.thermal_bytes, "thermal")):
+        detail = result.detail if path == result.culprit else f"partner {result.culprit} was rejected ({result.reason})"
+        out.append(FileDecision(path, size, task.vsn, task.ts_ns, role, "rejected", result.reason, detail, task.key))
+    return out
+
+
+def _sample_row(task: FrameTask, result: FrameResult, location, run_id: str) -> dict:
+    members = location.members
+    ir, js, rgb = (members[m] for m in MEMBERS)
+    return {
+        "key": task.key,
+        "vsn": task.vsn,
+        "node_id": task.node_id,
+        "ts_ns": task.ts_ns,
+        "position": task.position,
+        "position_label": task.position_label,
+        "is_sky": is_sky_position(task.position),
+        "shard": location.shard,
+        "sample_offset": location.offset,
+        "sample_length": location.length,
+        "ir_offset": ir.offset,
+        "ir_size": ir.size,
+        "json_offset": js.offset,
+        "json_size": js.size,
+        "rgb_offset": rgb.offset,
+        "rgb_size": rgb.size,
+        "rgb_file": task.rgb_path,
+        "thermal_file": task.thermal_path,
+        "ingest_run": run_id,
+        **(result.stats or {}),
+    }
+
+
+def _samples_table(rows: list[dict], nodes: pa.Table, config: IngestConfig) -> pa.Table:
+    if not rows:
+        return SAMPLES.empty_table()
+    vsn = np.array([r["vsn"] for r in rows], dtype=object)
+    ts_ns = np.array([r["ts_ns"] for r in rows], dtype=np.int64)
+    location = location_table([r["key"] for r in rows], vsn, ts_ns, nodes)
+    split_labels = splits(vsn, ts_ns, (config.split.train, config.split.val, config.split.test))
+    base = {}
+    for name in SAMPLES.names:
+        if name in LOCATION_COLUMNS:
+            continue
+        if name == "time_utc":
+            base[name] = pa.array(ts_ns // 1000, pa.int64()).cast(pa.timestamp("us")).cast(SAMPLES.field(name).type)
+        elif name == "split":
+            base[name] = pa.array(split_labels.tolist(), pa.string())
+        elif name == "node_id":
+            base[name] = pa.array([r["node_id"] for r in rows], pa.string())
+        else:
+            base[name] = pa.array([r.get(name) for r in rows], SAMPLES.field(name).type)
+    for name in LOCATION_COLUMNS:
+        base[name] = location.column(name)
+    return pa.table(base).select(SAMPLES.names).cast(SAMPLES)

@@ -1,0 +1,109 @@
+"""Upload records from sage_data_client query results (RAW/metadata/*.csv | *.ndjson[.gz] | *.parquet).
+
+The same DataFrame in three forms: ``df.to_csv()`` (with or without its unnamed index column), the data
+API's NDJSON response (read with ``sage_data_client.load``), or Parquet (what ``ingest download`` writes).
+Only ``name == "upload"`` rows with a ``meta.filename`` describe files; other measurements are skipped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+__all__ = ["UploadRecord", "MetadataError", "read_metadata_frame", "upload_records", "METADATA_SUFFIXES", "QUERY_RECORD_SUFFIX"]
+
+METADATA_SUFFIXES = (".csv", ".ndjson", ".ndjson.gz", ".json", ".json.gz", ".parquet")
+# What `ingest download` writes beside its Parquet: the query that produced it (not a query result).
+QUERY_RECORD_SUFFIX = ".query.json"
+
+
+class MetadataError(ValueError):
+    """A metadata file that cannot be read as a sage_data_client result."""
+
+
+@dataclass(frozen=True)
+class UploadRecord:
+    vsn: str
+    ts_ns: int
+    filename: str
+    position_label: str | None  # meta.position as published (a number or a direction label), None if absent
+    node_id: str | None
+    plugin: str | None
+    source: str  # metadata file it came from (relative to RAW)
+
+
+def read_metadata_frame(path: Path) -> pd.DataFrame:
+    """The sage_data_client DataFrame stored at ``path``; raises MetadataError naming the file."""
+    name = path.name.lower()
+    try:
+        if name.endswith((".ndjson", ".ndjson.gz", ".json", ".json.gz")):
+            import sage_data_client
+
+            frame = sage_data_client.load(path)
+        elif name.endswith(".parquet"):
+            frame = pd.read_parquet(path)
+        elif name.endswith(".csv"):
+            frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+            first = frame.columns[0] if len(frame.columns) else ""
+            if first == "" or str(first).startswith("Unnamed"):
+                frame = frame.drop(columns=first)  # the index column df.to_csv() writes
+        else:
+            raise MetadataError(f"{path}: not a metadata file (expected one of {', '.join(METADATA_SUFFIXES)})")
+    except MetadataError:
+        raise
+    except Exception as exc:  # pandas/json raise many types for a damaged file; all mean the same here
+        raise MetadataError(f"{path}: cannot read as a sage_data_client result: {exc}") from None
+    missing = [c for c in ("timestamp", "name") if c not in frame.columns]
+    if missing:
+        raise MetadataError(f"{path}: missing column(s) {', '.join(missing)}; columns are {list(frame.columns)}")
+    return frame
+
+
+def _text(value: object) -> str | None:
+    if value is None or (isinstance(value, float) and pd.isna(value)):
+        return None
+    text = str(value).strip()
+    return text or None
+
+
+def upload_records(frame: pd.DataFrame, source: str) -> list[UploadRecord]:
+    """Upload rows of a metadata frame as records; rows without a VSN or file name are skipped."""
+    if "meta.filename" not in frame.columns or len(frame) == 0:
+        return []
+    uploads = frame[frame["name"].astype(str) == "upload"]
+    if len(uploads) == 0:
+        return []
+    try:
+        stamps = pd.to_datetime(uploads["timestamp"], utc=True, format="ISO8601")
+    except (ValueError, TypeError) as exc:
+        raise MetadataError(f"{source}: unreadable timestamps: {exc}") from None
+    ts_ns = stamps.astype("int64").to_numpy()
+    column = uploads.get
+    records = []
+    for i, (vsn, filename, position, node, plugin) in enumerate(
+        zip(
+            column("meta.vsn", pd.Series([None] * len(uploads))).tolist(),
+            uploads["meta.filename"].tolist(),
+            column("meta.position", pd.Series([None] * len(uploads))).tolist(),
+            column("meta.node", pd.Series([None] * len(uploads))).tolist(),
+            column("meta.plugin", pd.Series([None] * len(uploads))).tolist(),
+        )
+    ):
+        vsn, filename = _text(vsn), _text(filename)
+        if vsn is None or filename is None:
+            continue
+        node_id = _text(node)
+        records.append(
+            UploadRecord(
+                vsn=vsn,
+                ts_ns=int(ts_ns[i]),
+                filename=filename,
+                position_label=_text(position),
+                node_id=node_id.lower() if node_id else None,
+                plugin=_text(plugin),
+                source=source,
+            )
+        )
+    return records

@@ -1,0 +1,127 @@
+"""Turn one frame into the bytes of a sample, or into a reject (runs in worker processes).
+
+The work per frame is irreducible: read two files, parse the CSV, decode the optical half at the smallest
+JPEG scale that still covers the output, crop+resize, encode. Everything else (tar, hashing, catalog) stays in
+the parent, which receives only the finished member bytes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ingest.config import IngestConfig
+from ingest.frames import FrameTask
+from ingest.optical import CorruptJPEGError, crop_optical, encode_jpeg, mean_brightness
+from ingest.thermal import ThermalCSVError, check_celsius_values, parse_celsius_csv
+from shards.layout import IR_MEMBER, JSON_MEMBER, RGB_MEMBER
+
+__all__ = ["FrameResult", "process_frame", "encode_npy", "sample_json"]
+
+
+@dataclass(frozen=True)
+class FrameResult:
+    key: str
+    members: dict[str, bytes] | None  # None when rejected
+    stats: dict[str, float | int] | None
+    reason: str | None = None
+    detail: str | None = None
+    culprit: str | None = None  # the file at fault (relative path)
+
+
+def encode_npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def sample_json(task: FrameTask, header: dict[str, str], source_size, box, rgb_size, ir_size, config: IngestConfig) -> bytes:
+    """The ``.json`` member: where the sample came from and how it was cut (deterministic bytes)."""
+    record = {
+        "key": task.key,
+        "vsn": task.vsn,
+        "node_id": task.node_id,
+        "ts_ns": task.ts_ns,
+        "position": task.position,
+        "position_label": task.position_label,
+        "rgb_file": task.rgb_path,
+        "thermal_file": task.thermal_path,
+        "source_size": list(source_size),
+        "crop_box_px": [round(v, 3) for v in box],
+        "crop_box_fraction": [config.crop.left, config.crop.top, config.crop.right, config.crop.bottom],
+        "rgb_size": list(rgb_size),
+        "ir_size": list(ir_size),
+        "thermal_header": header,
+        "units": {"ir": "degrees Celsius, float32, row 0 = top"},
+    }
+    return json.dumps(record, sort_keys=True, separators=(",", ":")).encode()
+
+
+def process_frame(task: FrameTask, raw_dir: str, config: IngestConfig) -> FrameResult:
+    root = Path(raw_dir)
+    try:
+        thermal_bytes = (root / task.thermal_path).read_bytes()
+    except OSError as exc:
+        return FrameResult(task.key, None, None, "unreadable", f"{task.thermal_path}: {exc.strerror}", task.thermal_path)
+    try:
+        rgb_bytes = (root / task.rgb_path).read_bytes()
+    except OSError as exc:
+        return FrameResult(task.key, None, None, "unreadable", f"{task.rgb_path}: {exc.strerror}", task.rgb_path)
+
+    try:
+        thermal = parse_celsius_csv(thermal_bytes)
+        problem = check_celsius_values(thermal.celsius, config.min_celsius, config.max_celsius, config.max_nan_fraction)
+        if problem is not None:
+            raise problem
+    except ThermalCSVError as exc:
+        return FrameResult(task.key, None, None, exc.reason, f"{task.thermal_path}: {exc.detail}", task.thermal_path)
+
+    celsius = thermal.celsius
+    ir_width, ir_height = thermal.sensor_size
+    out_size = config.rgb_output_size(ir_width, ir_height)
+    try:
+        optical = crop_optical(rgb_bytes, config.crop, out_size, config.resample)
+    except CorruptJPEGError as exc:
+        return FrameResult(task.key, None, None, "corrupt_jpeg", f"{task.rgb_path}: {exc}", task.rgb_path)
+
+    rgb_jpeg = encode_jpeg(optical.image, config.jpeg_quality)
+    nan_fraction = float(np.isnan(celsius).mean())
+    finite = celsius[np.isfinite(celsius)]
+    stats = {
+        "ir_min": float(finite.min()) if finite.size else float("nan"),
+        "ir_mean": float(finite.mean(dtype=np.float64)) if finite.size else float("nan"),
+        "ir_max": float(finite.max()) if finite.size else float("nan"),
+        "ir_std": float(finite.std(dtype=np.float64)) if finite.size else float("nan"),
+        "ir_nan_fraction": nan_fraction,
+        "rgb_mean": mean_brightness(optical.image),
+        "rgb_width": out_size[0],
+        "rgb_height": out_size[1],
+        "ir_width": ir_width,
+        "ir_height": ir_height,
+        "source_width": optical.source_size[0],
+        "source_height": optical.source_size[1],
+        "draft_factor": optical.draft_factor,
+    }
+    members = {
+        IR_MEMBER: encode_npy(celsius),
+        JSON_MEMBER: sample_json(task, thermal.header, optical.source_size, optical.box, out_size, (ir_width, ir_height), config),
+        RGB_MEMBER: rgb_jpeg,
+    }
+    return FrameResult(task.key, members, stats)
+
+
+# Worker-process state: set once by the pool initializer, so tasks carry only the FrameTask.
+_WORKER: dict[str, object] = {}
+
+
+def init_worker(raw_dir: str, config: IngestConfig) -> None:
+    _WORKER["raw_dir"] = raw_dir
+    _WORKER["config"] = config
+
+
+def process_in_worker(task: FrameTask) -> FrameResult:
+    return process_frame(task, _WORKER["raw_dir"], _WORKER["config"])  # type: ignore[arg-type]
