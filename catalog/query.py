@@ -144,7 +144,7 @@ class Catalog:
         return table
 
     def nodes(self) -> pa.Table:
-        return self.con.execute("SELECT * FROM nodes").to_arrow_table()
+        return self.con.sql("SELECT * FROM nodes").to_arrow_table()
 
     def select(self, where: str | None = None, split: str | None = None, limit: int | None = None) -> pa.Table:
         """A Selection: the samples matching ``where`` (SQL over ``samples``), in shard order.

@@ -128,5 +128,8 @@ def _download(args: argparse.Namespace) -> int:
     except (DownloadError, ValueError) as exc:
         print(f"ingest download: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # e.g. RAW not writable: say which path, not a traceback
+        print(f"ingest download: {exc.filename or args.raw}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     print(summary.describe())
     return 1 if summary.failed else 0

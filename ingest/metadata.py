@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-__all__ = ["UploadRecord", "MetadataError", "read_metadata_frame", "upload_records", "METADATA_SUFFIXES", "QUERY_RECORD_SUFFIX"]
+__all__ = ["UploadRecord", "MetadataError", "read_metadata_frame", "upload_records", "METADATA_SUFFIXES", "QUERY_RECORD_SUFFIX", "text_or_none", "column_values"]
 
 METADATA_SUFFIXES = (".csv", ".ndjson", ".ndjson.gz", ".json", ".json.gz", ".parquet")
 # What `ingest download` writes beside its Parquet: the query that produced it (not a query result).
@@ -61,11 +61,17 @@ def read_metadata_frame(path: Path) -> pd.DataFrame:
     return frame
 
 
-def _text(value: object) -> str | None:
+def text_or_none(value: object) -> str | None:
+    """A metadata cell as stripped text, or None for NaN, None and empty cells."""
     if value is None or (isinstance(value, float) and pd.isna(value)):
         return None
     text = str(value).strip()
     return text or None
+
+
+def column_values(frame: pd.DataFrame, name: str) -> list:
+    """A column as a list, or Nones when the query result has no such column (meta keys vary by plugin)."""
+    return frame[name].tolist() if name in frame.columns else [None] * len(frame)
 
 
 def upload_records(frame: pd.DataFrame, source: str) -> list[UploadRecord]:
@@ -79,30 +85,24 @@ def upload_records(frame: pd.DataFrame, source: str) -> list[UploadRecord]:
         stamps = pd.to_datetime(uploads["timestamp"], utc=True, format="ISO8601")
     except (ValueError, TypeError) as exc:
         raise MetadataError(f"{source}: unreadable timestamps: {exc}") from None
-    ts_ns = stamps.astype("int64").to_numpy()
-    column = uploads.get
+    # pandas 3 parses whole-second stamps to datetime64[us]; the join key is integer nanoseconds.
+    ts_ns = stamps.dt.as_unit("ns").astype("int64").to_numpy()
     records = []
     for i, (vsn, filename, position, node, plugin) in enumerate(
-        zip(
-            column("meta.vsn", pd.Series([None] * len(uploads))).tolist(),
-            uploads["meta.filename"].tolist(),
-            column("meta.position", pd.Series([None] * len(uploads))).tolist(),
-            column("meta.node", pd.Series([None] * len(uploads))).tolist(),
-            column("meta.plugin", pd.Series([None] * len(uploads))).tolist(),
-        )
+        zip(*(column_values(uploads, c) for c in ("meta.vsn", "meta.filename", "meta.position", "meta.node", "meta.plugin")))
     ):
-        vsn, filename = _text(vsn), _text(filename)
+        vsn, filename = text_or_none(vsn), text_or_none(filename)
         if vsn is None or filename is None:
             continue
-        node_id = _text(node)
+        node_id = text_or_none(node)
         records.append(
             UploadRecord(
                 vsn=vsn,
                 ts_ns=int(ts_ns[i]),
                 filename=filename,
-                position_label=_text(position),
+                position_label=text_or_none(position),
                 node_id=node_id.lower() if node_id else None,
-                plugin=_text(plugin),
+                plugin=text_or_none(plugin),
                 source=source,
             )
         )

@@ -76,7 +76,7 @@ def classify_name(filename: str) -> RawName:
         return RawName(ROLE_OTHER, "partial_download", None, None)
     position = _POSITION_RE.search(filename)
     label = position.group("pos") if position else None
-    if filename.endswith("_plot.jpg"):
+    if filename.endswith(".jpg") and "_plot" in filename:  # matplotlib plots of later plugin versions
         return RawName(ROLE_OTHER, "plot", label, None)
     rgb = _RGB_RE.match(filename)
     if rgb:

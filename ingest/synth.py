@@ -155,7 +155,7 @@ def plan_frames(config: SynthConfig) -> list[FrameSpec]:
                 if era == "sampler":
                     tilt, azimuth = 1, int(rng.integers(0, 8))
                 lat, lon = _location_at(periods, ts)
-                day_of_year = ts.dayofyear
+                day_of_year = ts.day_of_year
                 air = 12.0 - 14.0 * np.cos(2 * np.pi * (day_of_year - 20) / 365.25) + rng.normal(0, 3)
                 specs.append(
                     FrameSpec(

@@ -1,0 +1,64 @@
+"""Shared fixtures: a small synthetic SAGE download (with one of each fault) and the dataset built from it.
+
+Both are made once per test session by the project's own generator, never committed.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from ingest.build import build_shards
+from ingest.config import IngestConfig
+from ingest.synth import SynthConfig, synthesize
+
+FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "sage-real"
+
+# 3 nodes x 24 frames at 1/5 size: every era (sampler, scan, direction), a non-PT camera (V017),
+# W056's move, and the 15 planted faults.
+SYNTH = SynthConfig(nodes=3, frames=24, seed=0, scale=0.2, faults=True, workers=2)
+INGEST = IngestConfig(workers=2, shard_target_mb=8.0)
+
+
+@pytest.fixture(scope="session")
+def synth_raw(tmp_path_factory) -> Path:
+    raw = tmp_path_factory.mktemp("synth") / "raw"
+    synthesize(raw, SYNTH, progress=False)
+    return raw
+
+
+@pytest.fixture(scope="session")
+def truth(synth_raw):
+    return pq.read_table(synth_raw / "truth.parquet").to_pylist()
+
+
+@pytest.fixture(scope="session")
+def built(synth_raw, tmp_path_factory) -> Path:
+    """A dataset built once from synth_raw; tests must not modify it (copy it first)."""
+    dataset = tmp_path_factory.mktemp("built") / "dataset"
+    build_shards(synth_raw, dataset, INGEST, nodes_csv=synth_raw / "nodes.csv", progress=False, log=lambda m: None)
+    return dataset
+
+
+@pytest.fixture()
+def raw_copy(synth_raw, tmp_path) -> Path:
+    """A private copy of the synthetic download that a test may change."""
+    target = tmp_path / "raw"
+    shutil.copytree(synth_raw, target)
+    return target
+
+
+@pytest.fixture()
+def built_copy(built, tmp_path) -> Path:
+    target = tmp_path / "dataset"
+    shutil.copytree(built, target)
+    return target
+
+
+def fixtures_dir() -> Path:
+    if not FIXTURES.is_dir():
+        pytest.skip(f"real SAGE fixtures not found at {FIXTURES}")
+    return FIXTURES
