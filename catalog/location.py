@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import math
 from functools import lru_cache
 from pathlib import Path
 
@@ -136,13 +135,63 @@ def nodes_table(rows: list[tuple]) -> pa.Table:
     )
 
 
+@lru_cache(maxsize=1)
+def _spa():
+    """pvlib's NREL SPA module. pvlib's package __init__ imports all of pvlib (scipy included, ~1.8 s per
+    process); spa.py itself needs only numpy, so load that one module from the installed pvlib."""
+    import importlib.util
+    import sys
+
+    if "pvlib.spa" in sys.modules:
+        return sys.modules["pvlib.spa"]
+    spec = importlib.util.find_spec("pvlib")
+    origin = Path(spec.origin).parent / "spa.py" if spec and spec.origin else None
+    if origin is None or not origin.exists():
+        from pvlib import spa
+
+        return spa
+    module_spec = importlib.util.spec_from_file_location("pvlib_spa_standalone", origin)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+def _time_terms(spa, unixtime: np.ndarray) -> tuple[np.ndarray, ...]:
+    """SPA's time-only terms: earth radius vector R, sun right ascension and declination, nutation of sidereal time."""
+    stamps = pd.to_datetime(unixtime, unit="s")
+    delta_t = spa.calculate_deltat(stamps.year.to_numpy(), stamps.month.to_numpy())
+    jd = spa.julian_day(unixtime)
+    jde = spa.julian_ephemeris_day(jd, delta_t)
+    jce = spa.julian_ephemeris_century(jde)
+    jme = spa.julian_ephemeris_millennium(jce)
+    radius = spa.heliocentric_radius_vector(jme)
+    theta = spa.geocentric_longitude(spa.heliocentric_longitude(jme))
+    beta = spa.geocentric_latitude(spa.heliocentric_latitude(jme))
+    x = [f(jce) for f in (spa.mean_elongation, spa.mean_anomaly_sun, spa.mean_anomaly_moon,
+                          spa.moon_argument_latitude, spa.moon_ascending_longitude)]
+    nutation = np.empty((2, len(jce)))
+    spa.longitude_obliquity_nutation(jce, *x, nutation)
+    delta_psi, delta_epsilon = nutation
+    epsilon = spa.true_ecliptic_obliquity(spa.mean_ecliptic_obliquity(jme), delta_epsilon)
+    lamd = spa.apparent_sun_longitude(theta, delta_psi, spa.aberration_correction(radius))
+    alpha = spa.geocentric_sun_right_ascension(lamd, epsilon, beta)
+    delta = spa.geocentric_sun_declination(lamd, epsilon, beta)
+    sidereal_nutation = spa.apparent_sidereal_time(0.0, delta_psi, epsilon)
+    return radius, alpha, delta, sidereal_nutation
+
+
+_GRID_S = 3600.0  # time-only SPA terms are evaluated hourly and interpolated (error < 1e-5 degree, tested)
+
+
 def sun_elevation_deg(ts_ns: np.ndarray, lat: np.ndarray, lon: np.ndarray) -> np.ndarray:
-    """Apparent (refraction-corrected) topocentric solar elevation in degrees, NREL SPA via pvlib.
+    """Apparent (refraction-corrected) topocentric solar elevation in degrees: NREL SPA, pvlib's implementation.
 
-    Sea level, 1013.25 hPa, 12 °C, ΔT from pvlib's polynomial for each time. NaN where lat/lon is NaN.
+    Sea level, 1013.25 hPa, 12 °C, pvlib's ΔT for each month. NaN where lat/lon is NaN. The expensive,
+    location-free part of SPA (the heliocentric series and nutation, about 90% of the work) changes slowly, so
+    for large inputs it is evaluated on an hourly grid and interpolated; sidereal time and everything that
+    depends on the location are computed exactly for every row.
     """
-    from pvlib import spa
-
+    spa = _spa()
     ts_ns = np.asarray(ts_ns, dtype=np.int64)
     lat = np.broadcast_to(np.asarray(lat, dtype=np.float64), ts_ns.shape)
     lon = np.broadcast_to(np.asarray(lon, dtype=np.float64), ts_ns.shape)
@@ -151,12 +200,27 @@ def sun_elevation_deg(ts_ns: np.ndarray, lat: np.ndarray, lon: np.ndarray) -> np
     if not known.any():
         return out
     unixtime = ts_ns[known] / 1e9
-    stamps = pd.to_datetime(ts_ns[known], unit="ns")
-    delta_t = spa.calculate_deltat(stamps.year.to_numpy(), stamps.month.to_numpy())
-    _, _, apparent_elevation, *_ = spa.solar_position_numpy(
-        unixtime, lat[known], lon[known], 0.0, 1013.25, 12.0, delta_t, 0.5667, 1
-    )
-    out[known] = apparent_elevation
+    lat_k, lon_k = lat[known], lon[known]
+    first, last = np.floor(unixtime.min() / _GRID_S) * _GRID_S, unixtime.max() + _GRID_S
+    grid = np.arange(first, last + _GRID_S, _GRID_S)
+    if len(grid) * 4 < len(unixtime):
+        radius_g, alpha_g, delta_g, nut_g = _time_terms(spa, grid)
+        alpha_g = np.degrees(np.unwrap(np.radians(alpha_g)))  # continuous through 360 -> 0
+        radius, delta, nut = (np.interp(unixtime, grid, g) for g in (radius_g, delta_g, nut_g))
+        alpha = np.interp(unixtime, grid, alpha_g) % 360.0
+    else:
+        radius, alpha, delta, nut = _time_terms(spa, unixtime)
+    jd = spa.julian_day(unixtime)
+    v = spa.mean_sidereal_time(jd, spa.julian_century(jd)) + nut
+    hour_angle = spa.local_hour_angle(v, lon_k, alpha)
+    xi = spa.equatorial_horizontal_parallax(radius)
+    u = spa.uterm(lat_k)
+    x, y = spa.xterm(u, lat_k, 0.0), spa.yterm(u, lat_k, 0.0)
+    delta_alpha = spa.parallax_sun_right_ascension(x, xi, hour_angle, delta)
+    delta_prime = spa.topocentric_sun_declination(delta, x, y, xi, delta_alpha, hour_angle)
+    h_prime = spa.topocentric_local_hour_angle(hour_angle, delta_alpha)
+    e0 = spa.topocentric_elevation_angle_without_atmosphere(lat_k, delta_prime, h_prime)
+    out[known] = spa.topocentric_elevation_angle(e0, spa.atmospheric_refraction_correction(1013.25, 12.0, e0, 0.5667))
     return out
 
 
@@ -184,40 +248,41 @@ def location_columns(vsn: np.ndarray, ts_ns: np.ndarray, nodes: pa.Table) -> dic
     """The LOCATION_COLUMNS for each (vsn, ts_ns), from the node period valid at that instant.
 
     Returns arrays: lat, lon (NaN if unknown), tz (object, None if unknown), time_local (datetime64[us],
-    NaT if unknown), utc_offset_min (float, NaN if unknown), sun_elevation_deg, is_day (object: True/False/None),
-    node_id (object, None if nodes.csv has none for the period).
+    NaT if unknown), utc_offset_min (float, NaN if unknown), sun_elevation_deg (NaN if unknown), is_day
+    (object: True/False/None), node_id (object, None where nodes.csv has none for the period).
     """
     vsn = np.asarray(vsn, dtype=object)
     ts_ns = np.asarray(ts_ns, dtype=np.int64)
     n = len(ts_ns)
-    lat = np.full(n, np.nan)
-    lon = np.full(n, np.nan)
-    tz = np.full(n, None, dtype=object)
-    node_id = np.full(n, None, dtype=object)
-    matched = np.zeros(n, dtype=bool)
-    node_rows = nodes.to_pylist()
-    for row in node_rows:
+    codes, names = pd.factorize(pd.Series(vsn, dtype=object))
+    code_of = {name: i for i, name in enumerate(names)}
+    rows = nodes.to_pylist()
+    period = np.full(n, -1, dtype=np.int64)
+    for index, row in enumerate(rows):
+        code = code_of.get(row["vsn"])
+        if code is None:
+            continue
         start = -(2**63) if row["valid_from"] is None else int(pd.Timestamp(row["valid_from"]).value)
         end = 2**63 - 1 if row["valid_to"] is None else int(pd.Timestamp(row["valid_to"]).value)
-        mask = (vsn == row["vsn"]) & (ts_ns >= start) & (ts_ns < end) & ~matched
-        if not mask.any():
-            continue
-        matched |= mask
-        lat[mask], lon[mask] = row["lat"], row["lon"]
-        tz[mask] = row["tz"]
-        node_id[mask] = row["node_id"]
+        period[(codes == code) & (ts_ns >= start) & (ts_ns < end) & (period < 0)] = index
+    # One extra "unknown" period at the end, so that period -1 indexes NaN/None.
+    lat = np.array([r["lat"] for r in rows] + [np.nan], dtype=np.float64)[period]
+    lon = np.array([r["lon"] for r in rows] + [np.nan], dtype=np.float64)[period]
+    tz = np.array([r["tz"] for r in rows] + [None], dtype=object)[period]
+    node_id = np.array([r["node_id"] for r in rows] + [None], dtype=object)[period]
     time_local = np.full(n, np.datetime64("NaT"), dtype="datetime64[us]")
     offset = np.full(n, np.nan)
-    for zone in {z for z in tz if z is not None}:
-        mask = tz == zone
-        utc = pd.to_datetime(ts_ns[mask], unit="ns", utc=True)
+    zones = {r["tz"] for r in rows if r["tz"]}
+    for zone in zones:
+        in_zone = np.isin(period, [i for i, r in enumerate(rows) if r["tz"] == zone])
+        if not in_zone.any():
+            continue
+        utc = pd.to_datetime(ts_ns[in_zone], unit="ns", utc=True)
         local = utc.tz_convert(zone).tz_localize(None)
-        time_local[mask] = local.to_numpy().astype("datetime64[us]")
-        offset[mask] = (local - utc.tz_localize(None)).total_seconds().to_numpy() / 60.0
+        time_local[in_zone] = local.to_numpy().astype("datetime64[us]")
+        offset[in_zone] = (local - utc.tz_localize(None)).total_seconds().to_numpy() / 60.0
     elevation = sun_elevation_deg(ts_ns, lat, lon)
-    is_day = np.full(n, None, dtype=object)
-    known = np.isfinite(elevation)
-    is_day[known] = elevation[known] > 0
+    is_day = np.where(np.isfinite(elevation), elevation > 0, None)
     return {
         "lat": lat,
         "lon": lon,
@@ -232,7 +297,3 @@ def location_columns(vsn: np.ndarray, ts_ns: np.ndarray, nodes: pa.Table) -> dic
 
 def empty_nodes() -> pa.Table:
     return NODES.empty_table()
-
-
-def _finite_or_none(values: np.ndarray) -> list:
-    return [None if (v is None or (isinstance(v, float) and math.isnan(v))) else v for v in values]

@@ -187,7 +187,7 @@ def write_parts(final_dir: Path, tables: dict[str, pa.Table], texts: dict[str, s
         if schema is not None:
             table = table.select(schema.names).cast(schema)
         path = tmp / f"{name}.parquet"
-        pq.write_table(table, path, compression="zstd")
+        pq.write_table(table, path, compression="snappy")
         fsync_path(path)
     for name, text in (texts or {}).items():
         path = tmp / name

@@ -133,9 +133,12 @@ def _decode(tasks: list[FrameTask], raw_dir: Path, config: IngestConfig, workers
         for task in tasks:
             yield process_frame(task, str(raw_dir), config)
         return
-    context = multiprocessing.get_context("spawn")
+    # fork: workers start in milliseconds with everything imported; spawn would re-import the whole command
+    # (pandas, duckdb, pyarrow: about 2 s per worker), which is most of a small incremental run.
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    context = multiprocessing.get_context(method)
     with context.Pool(workers, initializer=init_worker, initargs=(str(raw_dir), config)) as pool:
-        yield from pool.imap(process_in_worker, tasks, chunksize=2)
+        yield from pool.imap(process_in_worker, tasks, chunksize=1)
 
 
 def _decision_row(d: FileDecision, run_id: str) -> dict:

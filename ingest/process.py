@@ -89,14 +89,14 @@ def process_frame(task: FrameTask, raw_dir: str, config: IngestConfig) -> FrameR
         return FrameResult(task.key, None, None, "corrupt_jpeg", f"{task.rgb_path}: {exc}", task.rgb_path)
 
     rgb_jpeg = encode_jpeg(optical.image, config.jpeg_quality)
-    nan_fraction = float(np.isnan(celsius).mean())
-    finite = celsius[np.isfinite(celsius)]
+    nan_count = int(np.count_nonzero(np.isnan(celsius)))
+    finite = celsius[np.isfinite(celsius)] if nan_count else celsius
     stats = {
         "ir_min": float(finite.min()) if finite.size else float("nan"),
         "ir_mean": float(finite.mean(dtype=np.float64)) if finite.size else float("nan"),
         "ir_max": float(finite.max()) if finite.size else float("nan"),
         "ir_std": float(finite.std(dtype=np.float64)) if finite.size else float("nan"),
-        "ir_nan_fraction": nan_fraction,
+        "ir_nan_fraction": nan_count / celsius.size,
         "rgb_mean": mean_brightness(optical.image),
         "rgb_width": out_size[0],
         "rgb_height": out_size[1],

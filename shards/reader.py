@@ -13,6 +13,7 @@ remainder out; ``"uneven"`` gives every sample exactly once with counts differin
 
 from __future__ import annotations
 
+import mmap
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -36,6 +37,14 @@ _PREFIX = {member: member.split(".")[0] for member in MEMBERS}  # "ir.npy" -> "i
 
 class ShardReadError(IOError):
     """A shard does not hold what the catalog says; the message names the shard and the sample."""
+
+
+def _header_matches(header: bytes, name: bytes, size: int) -> bool:
+    """Fast check of a USTAR header: name, size and magic (a mismatch is then explained by the full parser)."""
+    if len(header) != BLOCK or header[257:262] != b"ustar" or header[:100].rstrip(b"\0") != name:
+        return False
+    digits = header[124:136].strip(b"\0 ")
+    return int(digits, 8) == size if digits else size == 0
 
 
 def load_selection(selection: str | os.PathLike[str] | pa.Table, dataset: str | os.PathLike[str] | None = None):
@@ -137,28 +146,31 @@ class SelectionReader:
                     "run `shards verify`)"
                 )
             wanted = int(columns["sample_length"][rows].sum())
-            whole = os.pread(fd, size, 0) if wanted >= self.scan_fraction * size else None
+            # Most of the shard wanted: map it once and slice, rather than one read per sample.
+            whole = mmap.mmap(fd, 0, access=mmap.ACCESS_READ) if size and wanted >= self.scan_fraction * size else None
             url = str(path)
             for row in rows:
                 key = columns["key"][row]
                 offset, length = int(columns["sample_offset"][row]), int(columns["sample_length"][row])
-                if whole is not None:
-                    span = memoryview(whole)[offset : offset + length]
-                else:
-                    span = memoryview(os.pread(fd, length, offset))
+                span = whole[offset : offset + length] if whole is not None else os.pread(fd, length, offset)
                 if len(span) != length:
                     raise ShardReadError(f"{name} {key}: wanted {length} bytes at {offset}, shard ends first")
+                view = memoryview(span)
                 sample = {"__key__": key, "__url__": url, "__local_path__": url}
                 for member, prefix in _PREFIX.items():
                     data_at = int(columns[f"{prefix}_offset"][row]) - offset
                     data_size = int(columns[f"{prefix}_size"][row])
-                    problem = check_member_header(bytes(span[data_at - BLOCK : data_at]), f"{key}.{member}", data_size)
-                    if problem is None and data_at + data_size > length:
-                        problem = f"{member} runs past the sample's recorded length"
-                    if problem:
+                    header = span[data_at - BLOCK : data_at]
+                    member_name = f"{key}.{member}"
+                    if not _header_matches(header, member_name.encode(), data_size):
+                        problem = check_member_header(header, member_name, data_size) or "tar header does not match"
                         raise ShardReadError(f"{name} {key}: {problem}")
-                    sample[member] = bytes(span[data_at : data_at + data_size])
+                    if data_at + data_size > length:
+                        raise ShardReadError(f"{name} {key}: {member} runs past the sample's recorded length")
+                    sample[member] = view[data_at : data_at + data_size].tobytes()
                 yield sample
+            if whole is not None:
+                whole.close()
         finally:
             os.close(fd)
 

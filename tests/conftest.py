@@ -5,6 +5,7 @@ Both are made once per test session by the project's own generator, never commit
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -15,7 +16,20 @@ from ingest.build import build_shards
 from ingest.config import IngestConfig
 from ingest.synth import SynthConfig, synthesize
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "sage-real"
+
+
+def _find_fixtures() -> Path:
+    """The real SAGE files: $SAGEPAIRS_SHARED/fixtures/sage-real, else the nearest ../shared above the checkout."""
+    if os.environ.get("SAGEPAIRS_SHARED"):
+        return Path(os.environ["SAGEPAIRS_SHARED"]) / "fixtures" / "sage-real"
+    for parent in Path(__file__).resolve().parents:
+        candidate = parent / "shared" / "fixtures" / "sage-real"
+        if candidate.is_dir():
+            return candidate
+    return Path("shared/fixtures/sage-real")
+
+
+FIXTURES = _find_fixtures()
 
 # 3 nodes x 24 frames at 1/5 size: every era (sampler, scan, direction), a non-PT camera (V017),
 # W056's move, and the 15 planted faults.
@@ -60,5 +74,6 @@ def built_copy(built, tmp_path) -> Path:
 
 def fixtures_dir() -> Path:
     if not FIXTURES.is_dir():
-        pytest.skip(f"real SAGE fixtures not found at {FIXTURES}")
+        pytest.skip(f"real SAGE fixtures not found (looked for shared/fixtures/sage-real above the checkout; "
+                    "set SAGEPAIRS_SHARED to the shared/ folder)")
     return FIXTURES

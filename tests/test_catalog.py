@@ -148,3 +148,18 @@ def test_python_api_and_describe(built, capsys):
     out = capsys.readouterr().out
     for section in ("samples per node", "day / night", "splits", "rejects per reason", "runs"):
         assert f"== {section}" in out
+
+
+def test_interpolated_sun_elevation_equals_direct_spa():
+    from catalog.location import _spa
+
+    spa = _spa()
+    rng = np.random.default_rng(1)
+    n = 120_000  # enough rows for the hourly-grid path
+    ts = rng.integers(ns("2022-01-01"), ns("2023-06-01"), n)
+    lat, lon = rng.uniform(-60, 70, n), rng.uniform(-180, 180, n)
+    fast = sun_elevation_deg(ts, lat, lon)
+    stamps = pd.to_datetime(ts / 1e9, unit="s")
+    delta_t = spa.calculate_deltat(stamps.year.to_numpy(), stamps.month.to_numpy())
+    direct = spa.solar_position_numpy(ts / 1e9, lat, lon, 0.0, 1013.25, 12.0, delta_t, 0.5667, 1)[2]
+    assert np.abs(fast - direct).max() < 1e-4

@@ -1,0 +1,52 @@
+"""Shared by the benchmarks: where they keep data, what machine this is, and appending to RESULTS.md."""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+OUT = BENCH_DIR / "out"  # generated data (gitignored); reused between runs when its recipe is unchanged
+RESULTS = BENCH_DIR / "RESULTS.md"
+
+
+def machine() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    memory = ""
+    try:
+        kb = int(Path("/proc/meminfo").read_text().split()[1])
+        memory = f", {kb / 1024 / 1024:.0f} GiB"
+    except (OSError, ValueError, IndexError):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores{memory}, Python {platform.python_version()}"
+
+
+def record(bench: str, lines: list[str]) -> None:
+    """Print the figures and append them, dated and with the machine, to bench/RESULTS.md."""
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    block = [f"## {bench} — {stamp}", f"Machine: {machine()}", ""] + [f"- {line}" for line in lines] + [""]
+    print("\n".join(block))
+    new = not RESULTS.exists()
+    with open(RESULTS, "a") as fh:
+        if new:
+            fh.write("# Benchmark results\n\nEach bench in `bench/` appends its figures here, next to the limit it chases.\n\n")
+        fh.write("\n".join(block) + "\n")
+
+
+def median_time(fn, repeats: int = 3) -> float:
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return sorted(times)[len(times) // 2]
