@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,10 +32,22 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores{memory}, Python {platform.python_version()}"
 
 
+def code_version() -> str:
+    """The commit the figures belong to (and whether the tree had uncommitted changes)."""
+    try:
+        sha = subprocess.run(["git", "-C", str(BENCH_DIR), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(BENCH_DIR), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (sha or "unknown") + (" + uncommitted changes" if dirty else "")
+
+
 def record(bench: str, lines: list[str]) -> None:
-    """Print the figures and append them, dated and with the machine, to bench/RESULTS.md."""
+    """Print the figures and append them, dated, with the machine and the commit, to bench/RESULTS.md."""
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    block = [f"## {bench} — {stamp}", f"Machine: {machine()}", ""] + [f"- {line}" for line in lines] + [""]
+    block = [f"## {bench} — {stamp}", f"Machine: {machine()}; code: {code_version()}", ""] + [f"- {line}" for line in lines] + [""]
     print("\n".join(block))
     new = not RESULTS.exists()
     with open(RESULTS, "a") as fh:
