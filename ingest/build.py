@@ -31,7 +31,7 @@ from ingest.config import IngestConfig
 from ingest.frames import FileDecision, FrameTask, RawFile, metadata_file_kind, plan_frames
 from ingest.metadata import MetadataError, UploadRecord, read_metadata_frame, upload_records
 from ingest.naming import is_sky_position
-from ingest.process import FrameResult, init_worker, process_frame, process_in_worker
+from ingest.process import FrameResult, init_worker, process_in_worker, process_safely
 from shards.layout import MEMBERS, shard_index
 from shards.writer import ShardWriter
 
@@ -109,7 +109,7 @@ class _State:
     has_samples: bool
 
 
-def _current_state(layout: DatasetLayout, prefix: str) -> _State:
+def _current_state(layout: DatasetLayout) -> _State:
     if not layout.exists():
         return _State({}, set(), set(), 0, NODES.empty_table(), False)
     with Catalog(layout.root) as catalog:
@@ -131,7 +131,7 @@ def _same_nodes(a: pa.Table, b: pa.Table) -> bool:
 def _decode(tasks: list[FrameTask], raw_dir: Path, config: IngestConfig, workers: int) -> Iterator[FrameResult]:
     if workers <= 1 and len(tasks) < 8:
         for task in tasks:
-            yield process_frame(task, str(raw_dir), config)
+            yield process_safely(task, str(raw_dir), config)
         return
     # fork: workers start in milliseconds with everything imported; spawn would re-import the whole command
     # (pandas, duckdb, pyarrow: about 2 s per worker), which is most of a small incremental run.
@@ -146,6 +146,33 @@ def _decision_row(d: FileDecision, run_id: str) -> dict:
         "path": d.path, "bytes": d.bytes, "vsn": d.vsn, "ts_ns": d.ts_ns, "role": d.role, "status": d.status,
         "reason": d.reason, "detail": d.detail, "key": d.key, "ingest_run": run_id,
     }
+
+
+def _decision_from_row(row: dict) -> FileDecision:
+    """A file's decision as the catalog recorded it (carried into this run unchanged)."""
+    return FileDecision(**{k: v for k, v in row.items() if k in FileDecision.__dataclass_fields__})
+
+
+def _carry_over_rejects(tasks: list[FrameTask], previous: dict[str, dict]) -> tuple[list[FrameTask], list[FileDecision]]:
+    """Frames to decode, and the earlier decisions of frames whose decode-stage reject cannot have changed.
+
+    A frame rejected while decoding (corrupt JPEG, bad CSV, ...) whose two files still have the same sizes keeps
+    its decision without a second decode; `--recheck-rejects` decodes them anyway (e.g. after a config change).
+    """
+    to_decode, carried = [], []
+    for task in tasks:
+        rgb, thermal = previous.get(task.rgb_path), previous.get(task.thermal_path)
+        unchanged_reject = (
+            rgb is not None and thermal is not None
+            and rgb["status"] == thermal["status"] == "rejected"
+            and rgb["reason"] in _DECODE_REASONS and rgb["reason"] == thermal["reason"]
+            and rgb["bytes"] == task.rgb_bytes and thermal["bytes"] == task.thermal_bytes
+        )
+        if unchanged_reject:
+            carried += [_decision_from_row(rgb), _decision_from_row(thermal)]
+        else:
+            to_decode.append(task)
+    return to_decode, carried
 
 
 def _changed(row: dict, previous: dict | None) -> bool:
@@ -183,7 +210,7 @@ def build_shards(
 
     with dataset_lock(root, f"ingest build-shards {raw}"):
         layout = DatasetLayout(root)
-        state = _current_state(layout, config.shard_prefix)
+        state = _current_state(layout)
         run_id = layout.next_run_id()
         summary = BuildSummary(run_id=run_id)
         summary.removed_uncommitted = layout.remove_uncommitted(state.shard_names)
@@ -207,31 +234,10 @@ def build_shards(
         tasks, decisions = plan_frames(
             [f for f in files if f.path not in done], uploads, state.sample_keys, metadata_status
         )
-        decisions += [
-            FileDecision(**{k: v for k, v in state.files[p].items() if k in FileDecision.__dataclass_fields__})
-            for p in sorted(done)
-        ]
-
-        # Decode-stage rejects of unchanged files keep their decision without a second decode.
-        carried: list[FrameTask] = []
+        decisions += [_decision_from_row(state.files[p]) for p in sorted(done)]
         if not recheck_rejects:
-            to_decode = []
-            for task in tasks:
-                prev_rgb, prev_th = state.files.get(task.rgb_path), state.files.get(task.thermal_path)
-                if (
-                    prev_rgb and prev_th
-                    and prev_rgb["status"] == prev_th["status"] == "rejected"
-                    and prev_rgb["reason"] in _DECODE_REASONS and prev_rgb["reason"] == prev_th["reason"]
-                    and prev_rgb["bytes"] == task.rgb_bytes and prev_th["bytes"] == task.thermal_bytes
-                ):
-                    carried.append(task)
-                else:
-                    to_decode.append(task)
-            tasks = to_decode
-        for task in carried:
-            for path in (task.rgb_path, task.thermal_path):
-                prev = state.files[path]
-                decisions.append(FileDecision(**{k: v for k, v in prev.items() if k in FileDecision.__dataclass_fields__}))
+            tasks, carried = _carry_over_rejects(tasks, state.files)
+            decisions += carried
 
         node_for = _node_ids(nodes)
         tasks = [replace(t, node_id=node_for(t.vsn, t.ts_ns) or t.node_id) for t in tasks]
@@ -264,8 +270,9 @@ def build_shards(
         summary.decode_seconds = time.perf_counter() - t_decode
         summary.frames_decoded = len(tasks)
 
-        assert len(decisions) == len(files), f"accounting: {len(decisions)} decisions for {len(files)} files"
-        assert len({d.path for d in decisions}) == len(files), "accounting: a file has two decisions"
+        if len(decisions) != len(files) or len({d.path for d in decisions}) != len(files):
+            # A bug, never bad input: refuse to commit a catalog that loses or doubles a file.
+            raise RuntimeError(f"accounting failed: {len(decisions)} decisions for {len(files)} raw files")
 
         samples_table = _samples_table(sample_rows, nodes, config)
         file_rows = [_decision_row(d, run_id) for d in decisions]

@@ -67,8 +67,8 @@ def crop_optical(data: bytes, crop: CropBox, out_size: tuple[int, int], resample
         image.load()
     except CorruptJPEGError:
         raise
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise CorruptJPEGError(f"cannot decode: {exc}") from None
+    except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, struct.error, ... for bad data
+        raise CorruptJPEGError(f"cannot decode: {type(exc).__name__}: {exc}") from None
     if image.mode != "RGB":
         image = image.convert("RGB")
     scale_x, scale_y = width / image.size[0], height / image.size[1]

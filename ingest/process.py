@@ -20,7 +20,7 @@ from ingest.optical import CorruptJPEGError, crop_optical, encode_jpeg, mean_bri
 from ingest.thermal import ThermalCSVError, check_celsius_values, parse_celsius_csv
 from shards.layout import IR_MEMBER, JSON_MEMBER, RGB_MEMBER
 
-__all__ = ["FrameResult", "process_frame", "encode_npy", "sample_json"]
+__all__ = ["FrameResult", "process_frame", "process_safely", "encode_npy", "sample_json"]
 
 
 @dataclass(frozen=True)
@@ -124,4 +124,14 @@ def init_worker(raw_dir: str, config: IngestConfig) -> None:
 
 
 def process_in_worker(task: FrameTask) -> FrameResult:
-    return process_frame(task, _WORKER["raw_dir"], _WORKER["config"])  # type: ignore[arg-type]
+    return process_safely(task, _WORKER["raw_dir"], _WORKER["config"])  # type: ignore[arg-type]
+
+
+def process_safely(task: FrameTask, raw_dir: str, config: IngestConfig) -> FrameResult:
+    try:
+        return process_frame(task, raw_dir, config)
+    except Exception as exc:  # one bad frame never stops the run: an unforeseen failure is a reject too
+        return FrameResult(
+            task.key, None, None, "unreadable",
+            f"{task.rgb_path} + {task.thermal_path}: unexpected {type(exc).__name__}: {exc}", task.rgb_path,
+        )

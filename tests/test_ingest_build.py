@@ -236,3 +236,16 @@ def test_sample_json_member(built):
         meta = json.loads(fh.read(row["json_size"]))
     for field in ("vsn", "node_id", "ts_ns", "position", "rgb_file", "thermal_file", "crop_box_px", "source_size"):
         assert field in meta
+
+
+def test_an_unforeseen_failure_is_a_reject_not_a_crash(monkeypatch, tmp_path):
+    import ingest.process as process
+    from ingest.frames import FrameTask
+
+    def explode(*args, **kwargs):
+        raise MemoryError("simulated")
+
+    monkeypatch.setattr(process, "process_frame", explode)
+    task = FrameTask("W056_1", "W056", 1, "W056/1-a.jpg", 1, "W056/1-b.csv", 1, 5, "5", None)
+    result = process.process_safely(task, str(tmp_path), IngestConfig())
+    assert result.members is None and result.reason == "unreadable" and "MemoryError" in result.detail

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import numpy as np
@@ -136,3 +137,32 @@ def catalog_cli(argv):
     from catalog.cli import main
 
     return main(argv)
+
+
+def test_writer_bytes_equal_tarfile_and_roll_over(tmp_path):
+    import io
+    import tarfile
+
+    from shards.writer import ShardWriter
+
+    samples = [(f"W056_{i}", {"ir.npy": bytes([i]) * (1000 + i), "json": b"{}", "rgb.jpg": bytes(513 + i)}) for i in range(5)]
+    writer = ShardWriter(tmp_path, "t", 0, target_bytes=6000)
+    locations = [writer.write(key, members, mtime=1685708796 + i) for i, (key, members) in enumerate(samples)]
+    records = writer.close()
+    assert len(records) > 1 and not list(tmp_path.glob("*.tmp"))
+    for record in records:
+        reference = io.BytesIO()
+        with tarfile.open(fileobj=reference, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for i, (key, members) in enumerate(samples):
+                if not record.first_key <= key <= record.last_key:
+                    continue
+                for ext, data in members.items():
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size, info.mtime, info.mode, info.uid, info.gid = len(data), 1685708796 + i, 0o444, 0, 0
+                    info.uname = info.gname = "sagepairs"
+                    tar.addfile(info, io.BytesIO(data))
+        assert (tmp_path / record.name).read_bytes() == reference.getvalue()
+        assert record.sha256 == hashlib.sha256(reference.getvalue()).hexdigest()
+    data = (tmp_path / locations[-1].shard).read_bytes()
+    member = locations[-1].members["ir.npy"]
+    assert data[member.offset : member.offset + member.size] == samples[-1][1]["ir.npy"]
