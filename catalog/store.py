@@ -140,6 +140,23 @@ class DatasetLayout:
                 shutil.rmtree(p, ignore_errors=True)
 
 
+_HELD_LOCK_FDS: set[int] = set()
+
+
+def _drop_inherited_locks() -> None:
+    """In a forked child (an ingest worker), close the parent's lock fd: flock locks belong to the open file,
+    so a child holding a copy would keep the dataset locked after its parent was killed."""
+    for fd in list(_HELD_LOCK_FDS):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD_LOCK_FDS.clear()
+
+
+os.register_at_fork(after_in_child=_drop_inherited_locks)
+
+
 @contextmanager
 def dataset_lock(dataset: str | os.PathLike[str], purpose: str) -> Iterator[None]:
     """Exclusive writer lock on DATASET; fails at once (DatasetLocked) when another writer holds it."""
@@ -157,6 +174,7 @@ def dataset_lock(dataset: str | os.PathLike[str], purpose: str) -> Iterator[None
                 f"{layout.root}: another writer is working on this dataset ({holder}); "
                 "nothing was touched. Wait for it to finish, or stop it and run again."
             ) from None
+        _HELD_LOCK_FDS.add(fd)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{purpose}, pid {os.getpid()}".encode(), 0)
         try:
@@ -165,6 +183,7 @@ def dataset_lock(dataset: str | os.PathLike[str], purpose: str) -> Iterator[None
             os.ftruncate(fd, 0)
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
+        _HELD_LOCK_FDS.discard(fd)
         os.close(fd)
 
 

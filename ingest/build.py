@@ -41,6 +41,9 @@ __all__ = ["BuildSummary", "BuildError", "build_shards", "scan_raw"]
 _DECODE_REASONS = {"corrupt_jpeg", "bad_csv_header", "bad_csv_shape", "non_numeric", "out_of_range", "too_many_nan"}
 
 
+_COMPACT_AFTER_RUNS = 4
+
+
 class BuildError(RuntimeError):
     """A build that cannot start (bad paths, bad nodes file); nothing was written."""
 
@@ -306,7 +309,9 @@ def build_shards(
         if nodes_changed:
             tables["nodes"] = nodes
         write_parts(layout.runs_dir / run_id, tables, texts={"config.toml": config_text})
-        if sample_rows or changed_rows or nodes_changed or len(layout.committed_runs()) == 1:
+        # Compaction is an optimisation (readers union a snapshot with the runs it does not cover), so it runs
+        # once a few parts have piled up rather than after every run.
+        if len(layout.uncovered_runs(layout.latest_snapshot())) >= _COMPACT_AFTER_RUNS:
             write_snapshot(layout)
         with Catalog(root) as catalog:
             per_node = catalog.query("SELECT vsn, count(*) AS n FROM samples GROUP BY vsn ORDER BY vsn").to_pylist()

@@ -73,7 +73,7 @@ class SynthConfig:
     nodes: int = 2
     frames: int = 200  # per node
     seed: int = 0
-    scale: float = 1.0  # size of the optical JPEG relative to 6144x2048 (the name always says 6144x2048)
+    scale: float = 1.0  # size of the optical JPEG relative to 6144x2048 (its name says the true size)
     faults: bool = False
     start: str = "2023-03-01"
     end: str = "2023-10-31"
@@ -104,6 +104,12 @@ class FrameSpec:
     cloud_fraction: float
     air_celsius: float
     seed: int
+    image_size: tuple[int, int] = FULL_SIZE  # (width, height) of the optical JPEG; its name says this size
+
+
+def image_size(scale: float) -> tuple[int, int]:
+    """JPEG size at ``scale`` (even width, so the optical and thermal halves are equal)."""
+    return round(FULL_SIZE[0] * scale) // 2 * 2, round(FULL_SIZE[1] * scale)
 
 
 def _node_list(count: int, seed: int):
@@ -162,7 +168,7 @@ def plan_frames(config: SynthConfig) -> list[FrameSpec]:
                         vsn=vsn, node_id=node_id, ts_ns=ts_ns, era=era,
                         position=None if era == "sampler" else preset, tilt=tilt, azimuth=azimuth,
                         lat=lat, lon=lon, loop_num=loop, cloud_fraction=float(rng.beta(0.7, 0.7)),
-                        air_celsius=float(air), seed=int(rng.integers(0, 2**31)),
+                        air_celsius=float(air), seed=int(rng.integers(0, 2**31)), image_size=image_size(config.scale),
                     )
                 )
                 made += 1
@@ -182,8 +188,9 @@ def frame_filenames(spec: FrameSpec, position_label: str | None = None) -> dict[
     label = position_label if position_label is not None else _label(spec)
     suffix = "" if label is None else f"_position{label}"
     stem = "right_336x252_14bit.thermal"
+    width, height = spec.image_size
     names = {
-        "rgb": f"6144x2048{suffix}.jpg",
+        "rgb": f"{width}x{height}{suffix}.jpg",  # the true size, as the capture binary names its frames
         "thermal": f"{stem}.celsius{suffix}.csv",
         "uint": f"{stem}.uint{suffix}.csv",
         "raw": f"{stem}{suffix}.raw",
@@ -232,9 +239,9 @@ def _sensor_noise(height: int, width: int, seed: int) -> np.ndarray:
     return tile[:, shift : shift + width]
 
 
-def render_frame(spec: FrameSpec, scale: float, jpeg_quality: int) -> tuple[bytes, np.ndarray]:
-    """Optical JPEG bytes and thermal °C array of a frame."""
-    width, height = round(FULL_SIZE[0] * scale) // 2 * 2, round(FULL_SIZE[1] * scale)
+def render_frame(spec: FrameSpec, jpeg_quality: int = 90) -> tuple[bytes, np.ndarray]:
+    """Optical JPEG bytes (``spec.image_size``) and thermal °C array of a frame."""
+    width, height = spec.image_size
     half = width // 2
     scene = SceneSpec(
         vsn=spec.vsn, azimuth=spec.azimuth, tilt=spec.tilt,
@@ -254,9 +261,9 @@ def render_frame(spec: FrameSpec, scale: float, jpeg_quality: int) -> tuple[byte
     return buffer.getvalue(), celsius
 
 
-def write_frame_files(raw_dir: Path, spec: FrameSpec, scale: float, jpeg_quality: int) -> dict[str, str]:
+def write_frame_files(raw_dir: Path, spec: FrameSpec, jpeg_quality: int = 90) -> dict[str, str]:
     """Render a frame and write all its files; returns kind -> path relative to RAW."""
-    jpeg, celsius = render_frame(spec, scale, jpeg_quality)
+    jpeg, celsius = render_frame(spec, jpeg_quality)
     names = frame_filenames(spec)
     folder = raw_dir / spec.vsn
     folder.mkdir(parents=True, exist_ok=True)
@@ -278,9 +285,9 @@ def write_frame_files(raw_dir: Path, spec: FrameSpec, scale: float, jpeg_quality
     return paths
 
 
-def _write_job(job: tuple[str, FrameSpec, float, int]) -> dict[str, str]:
-    raw_dir, spec, scale, quality = job
-    return write_frame_files(Path(raw_dir), spec, scale, quality)
+def _write_job(job: tuple[str, FrameSpec, int]) -> dict[str, str]:
+    raw_dir, spec, quality = job
+    return write_frame_files(Path(raw_dir), spec, quality)
 
 
 def _apply_fault(raw_dir: Path, fault: str, spec: FrameSpec, paths: dict[str, str], rng: np.random.Generator) -> dict:
@@ -375,7 +382,7 @@ def synthesize(raw_dir: str | os.PathLike[str], config: SynthConfig = SynthConfi
     raw.mkdir(parents=True, exist_ok=True)
     specs = plan_frames(config)
     workers = config.workers or os.cpu_count() or 1
-    jobs = [(str(raw), spec, config.scale, config.jpeg_quality) for spec in specs]
+    jobs = [(str(raw), spec, config.jpeg_quality) for spec in specs]
     bar = tqdm(total=len(jobs), unit="frame", desc="synth", disable=not progress)
     if workers <= 1 or len(jobs) < 8:
         all_paths = []

@@ -61,7 +61,7 @@ def frames(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[FrameSpec, di
     specs = plan_frames(SynthConfig(nodes=2, frames=2, scale=SCALE, start=START, end=END, workers=1))
     out = []
     for spec in specs:
-        paths = write_frame_files(source, spec, SCALE, 90)
+        paths = write_frame_files(source, spec)
         out.append((spec, {kind: (source / rel).read_bytes() for kind, rel in paths.items()}))
     return out
 

@@ -69,6 +69,9 @@ def test_samples_match_truth(built, truth):
         assert s["is_sky"] == (None if not t["position"] else t["position"] % 4 == 1)
         assert s["node_id"] == t["node_id"]
         assert s["lat"] == pytest.approx(t["lat"]) and s["is_day"] == t["is_day"]
+        # synth names a scaled frame by its true size, and ingest reads the size from the pixels
+        name_size = s["rgb_file"].split("-", 1)[1].split("_")[0].split(".")[0]
+        assert name_size == f"{s['source_width']}x{s['source_height']}" == "1228x410"
     few_nan = next(t for t in truth if t["fault"] == "few_nan_pixels")
     assert samples[few_nan["key"]]["ir_nan_fraction"] == pytest.approx(3 / (336 * 252), abs=1e-9)
 
@@ -152,8 +155,9 @@ def test_incremental_runs(raw_copy, tmp_path, truth):
         shutil.move(parked / p.name, p)
     orphan = next(t for t in truth if t["fault"] == "missing_optical")
     assert q(dataset, f"SELECT reason FROM rejects WHERE key = '{orphan['key']}'") == [{"reason": "unpaired"}]
-    donor = next(raw_copy.glob(f"{orphan['vsn']}/*-6144x2048_position*.jpg"))
-    shutil.copyfile(donor, raw_copy / orphan["vsn"] / f"{orphan['ts_ns']}-6144x2048_position{orphan['position_label']}.jpg")
+    donor = next(p for p in raw_copy.glob(f"{orphan['vsn']}/*_position*.jpg") if "_plot" not in p.name)
+    size = donor.name.split("-", 1)[1].split("_")[0]  # synth names frames by their true size, e.g. 1228x410
+    shutil.copyfile(donor, raw_copy / orphan["vsn"] / f"{orphan['ts_ns']}-{size}_position{orphan['position_label']}.jpg")
     third = build_shards(raw_copy, dataset, INGEST, nodes_csv=raw_copy / "nodes.csv", **QUIET)
     expected = sum(1 for t in truth if t["key"] in late_keys and t["expected_status"] == "sample") + 1
     assert third.samples_added == expected and third.shards_added >= 1

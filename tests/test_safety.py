@@ -88,9 +88,15 @@ def test_sigkill_then_rerun_equals_uninterrupted(point, synth_raw, reference, tm
     assert not list(dataset.rglob("*.tmp"))
 
 
-def test_catalog_reads_committed_runs_without_a_snapshot(built_copy):
+def test_compaction_changes_nothing_a_reader_sees(built_copy):
+    from catalog.maintain import write_snapshot
+    from catalog.store import DatasetLayout
+
     before = snapshot_of(built_copy)
-    shutil.rmtree(built_copy / "catalog" / "snapshots")  # as if killed right after the commit rename
+    write_snapshot(DatasetLayout(built_copy))
+    assert (built_copy / "catalog" / "snapshots").is_dir()
+    assert snapshot_of(built_copy) == before
+    shutil.rmtree(built_copy / "catalog" / "snapshots")  # as if killed before compacting
     assert snapshot_of(built_copy) == before
 
 
@@ -111,3 +117,27 @@ def test_second_writer_stops_at_once_without_touching_anything(built_copy, synth
     err = capsys.readouterr().err
     assert "another writer" in err and "test holder" in err
     assert listing() == before
+
+
+def test_forked_workers_do_not_keep_the_lock(tmp_path):
+    """A worker forked while the lock is held must not hold it once its parent is gone."""
+    import multiprocessing
+
+    dataset = tmp_path / "dataset"
+    ready = multiprocessing.get_context("fork").Event()
+    release = multiprocessing.get_context("fork").Event()
+
+    def child() -> None:
+        ready.set()
+        release.wait(30)
+
+    with dataset_lock(dataset, "parent"):
+        worker = multiprocessing.get_context("fork").Process(target=child)
+        worker.start()
+        ready.wait(10)
+    try:
+        with dataset_lock(dataset, "next writer"):  # the parent let go; the live child must not block this
+            pass
+    finally:
+        release.set()
+        worker.join(10)
