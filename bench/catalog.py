@@ -128,7 +128,7 @@ def main() -> None:
     with Catalog(dataset) as catalog:
         for name, sql in QUERIES.items():
             catalog.query(sql)  # warm: the first query reads the Parquet footer
-            seconds = median_time(lambda: catalog.query(sql), repeats=5)
+            seconds = median_time(lambda sql=sql: catalog.query(sql), repeats=5)
             lines.append(f"query '{name}': {seconds * 1000:.0f} ms (target < 100 ms)")
         seconds = median_time(lambda: catalog.select("is_sky AND is_day", split="train"), repeats=5)
         rows = catalog.select("is_sky AND is_day", split="train").num_rows

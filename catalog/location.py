@@ -293,7 +293,3 @@ def location_columns(vsn: np.ndarray, ts_ns: np.ndarray, nodes: pa.Table) -> dic
         "is_day": is_day,
         "node_id": node_id,
     }
-
-
-def empty_nodes() -> pa.Table:
-    return NODES.empty_table()

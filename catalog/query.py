@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 from catalog.schema import FILES, NODES, RUNS, SAMPLES, SHARDS
 from catalog.store import DatasetLayout
 
-__all__ = ["Catalog", "CatalogError", "open_catalog", "SELECTION_COLUMNS", "VIEWS"]
+__all__ = ["Catalog", "CatalogError", "open_catalog", "write_selection", "SELECTION_COLUMNS", "VIEWS"]
 
 VIEWS = ("samples", "files", "rejects", "shards", "nodes", "runs")
 

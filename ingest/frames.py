@@ -8,7 +8,7 @@ decision here: ``unpaired``, ``duplicate`` and ``position_mismatch`` rejects, an
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from ingest.metadata import METADATA_SUFFIXES, QUERY_RECORD_SUFFIX, UploadRecord
 from ingest.naming import ROLE_OTHER, ROLE_RGB, ROLE_THERMAL, classify_name, parse_raw_path, position_from_label
@@ -122,8 +122,8 @@ def plan_frames(
             else:
                 decisions.append(FileDecision(raw.path, raw.bytes, vsn, ts_ns, ROLE_OTHER, "ignored", name.kind, None, key))
 
-        def reject(reason: str, detail: str) -> None:
-            for raw, _, _, role in rgb + thermal:
+        def reject(reason: str, detail: str, members=rgb + thermal, vsn=vsn, ts_ns=ts_ns, key=key) -> None:
+            for raw, _, _, role in members:
                 decisions.append(FileDecision(raw.path, raw.bytes, vsn, ts_ns, role, "rejected", reason, detail, key))
 
         if not rgb and not thermal:
@@ -168,7 +168,3 @@ def plan_frames(
             )
         )
     return tasks, decisions
-
-
-def with_node_id(task: FrameTask, node_id: str | None) -> FrameTask:
-    return task if task.node_id or not node_id else replace(task, node_id=node_id)

@@ -74,6 +74,6 @@ def built_copy(built, tmp_path) -> Path:
 
 def fixtures_dir() -> Path:
     if not FIXTURES.is_dir():
-        pytest.skip(f"real SAGE fixtures not found (looked for shared/fixtures/sage-real above the checkout; "
+        pytest.skip("real SAGE fixtures not found (looked for shared/fixtures/sage-real above the checkout; "
                     "set SAGEPAIRS_SHARED to the shared/ folder)")
     return FIXTURES
