@@ -97,22 +97,10 @@ class DatasetLayout:
         return [p for p in self.committed_runs() if p.name not in covered]
 
     def next_run_id(self) -> str:
-        numbers = [0]
-        if self.runs_dir.is_dir():
-            for p in self.runs_dir.iterdir():
-                stem = p.name.split(".")[0]
-                if stem.startswith(_RUN_PREFIX) and stem[len(_RUN_PREFIX) :].isdigit():
-                    numbers.append(int(stem[len(_RUN_PREFIX) :]))
-        return f"{_RUN_PREFIX}{max(numbers) + 1:06d}"
+        return _next_numbered(self.runs_dir, _RUN_PREFIX)
 
     def next_snapshot_path(self) -> Path:
-        numbers = [0]
-        if self.snapshots_dir.is_dir():
-            for p in self.snapshots_dir.iterdir():
-                stem = p.name.split(".")[0]
-                if stem.startswith(_SNAP_PREFIX) and stem[len(_SNAP_PREFIX) :].isdigit():
-                    numbers.append(int(stem[len(_SNAP_PREFIX) :]))
-        return self.snapshots_dir / f"{_SNAP_PREFIX}{max(numbers) + 1:06d}"
+        return self.snapshots_dir / _next_numbered(self.snapshots_dir, _SNAP_PREFIX)
 
     def remove_uncommitted(self, committed_shards: set[str]) -> list[str]:
         """Delete what killed writers left: ``*.tmp`` parts and shards, and shards no committed part lists.
@@ -155,6 +143,17 @@ def _drop_inherited_locks() -> None:
 
 
 os.register_at_fork(after_in_child=_drop_inherited_locks)
+
+
+def _next_numbered(directory: Path, prefix: str) -> str:
+    """``<prefix>NNNNNN`` one past the highest number in ``directory``, counting uncommitted ``*.tmp`` too."""
+    numbers = [0]
+    if directory.is_dir():
+        for p in directory.iterdir():
+            stem = p.name.split(".")[0]
+            if stem.startswith(prefix) and stem[len(prefix) :].isdigit():
+                numbers.append(int(stem[len(prefix) :]))
+    return f"{prefix}{max(numbers) + 1:06d}"
 
 
 @contextmanager

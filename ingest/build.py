@@ -355,12 +355,7 @@ def _sample_row(task: FrameTask, result: FrameResult, location, run_id: str) -> 
     members = location.members
     ir, js, rgb = (members[m] for m in MEMBERS)
     return {
-        "key": task.key,
-        "vsn": task.vsn,
-        "node_id": task.node_id,
-        "ts_ns": task.ts_ns,
-        "position": task.position,
-        "position_label": task.position_label,
+        **task.provenance(),
         "is_sky": is_sky_position(task.position),
         "shard": location.shard,
         "sample_offset": location.offset,
@@ -371,8 +366,6 @@ def _sample_row(task: FrameTask, result: FrameResult, location, run_id: str) -> 
         "json_size": js.size,
         "rgb_offset": rgb.offset,
         "rgb_size": rgb.size,
-        "rgb_file": task.rgb_path,
-        "thermal_file": task.thermal_path,
         "ingest_run": run_id,
         **(result.stats or {}),
     }

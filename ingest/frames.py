@@ -53,6 +53,14 @@ class FrameTask:
     position_label: str | None
     node_id: str | None
 
+    def provenance(self) -> dict:
+        """Where the sample comes from: shared by its catalog row and its ``.json`` member."""
+        return {
+            "key": self.key, "vsn": self.vsn, "node_id": self.node_id, "ts_ns": self.ts_ns,
+            "position": self.position, "position_label": self.position_label,
+            "rgb_file": self.rgb_path, "thermal_file": self.thermal_path,
+        }
+
 
 def metadata_file_kind(path: str) -> str | None:
     """'metadata' or 'query_record' for files under RAW/metadata/, None for anything else."""

@@ -42,14 +42,7 @@ def encode_npy(array: np.ndarray) -> bytes:
 def sample_json(task: FrameTask, header: dict[str, str], source_size, box, rgb_size, ir_size, config: IngestConfig) -> bytes:
     """The ``.json`` member: where the sample came from and how it was cut (deterministic bytes)."""
     record = {
-        "key": task.key,
-        "vsn": task.vsn,
-        "node_id": task.node_id,
-        "ts_ns": task.ts_ns,
-        "position": task.position,
-        "position_label": task.position_label,
-        "rgb_file": task.rgb_path,
-        "thermal_file": task.thermal_path,
+        **task.provenance(),
         "source_size": list(source_size),
         "crop_box_px": [round(v, 3) for v in box],
         "crop_box_fraction": [config.crop.left, config.crop.top, config.crop.right, config.crop.bottom],
