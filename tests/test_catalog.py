@@ -163,3 +163,17 @@ def test_interpolated_sun_elevation_equals_direct_spa():
     delta_t = spa.calculate_deltat(stamps.year.to_numpy(), stamps.month.to_numpy())
     direct = spa.solar_position_numpy(ts / 1e9, lat, lon, 0.0, 1013.25, 12.0, delta_t, 0.5667, 1)[2]
     assert np.abs(fast - direct).max() < 1e-4
+
+
+def test_build_with_changed_nodes_recomputes_existing_samples(built_copy, synth_raw, tmp_path):
+    from ingest.build import build_shards
+    from tests.conftest import INGEST
+
+    moved = tmp_path / "nodes.csv"
+    moved.write_text(synth_raw.joinpath("nodes.csv").read_text().replace("39.102,-96.61", "-33.87,151.21"))
+    summary = build_shards(synth_raw, built_copy, INGEST, nodes_csv=moved, progress=False, log=lambda m: None)
+    assert summary.samples_added == 0
+    with catalog.open(built_copy) as cat:
+        zones = cat.query("SELECT DISTINCT tz FROM samples WHERE vsn = 'W057'").column("tz").to_pylist()
+        stored = cat.query("SELECT count(*) AS n FROM nodes WHERE lat < 0").to_pylist()[0]["n"]
+    assert zones == ["Australia/Sydney"] and stored == 1
