@@ -30,6 +30,7 @@ __all__ = [
     "timezone_at",
     "sun_elevation_deg",
     "location_columns",
+    "node_periods",
     "split_for",
     "SPLITS",
 ]
@@ -244,6 +245,23 @@ def splits(vsn: np.ndarray, ts_ns: np.ndarray, fractions: tuple[float, float, fl
     return labels[codes] if len(codes) else np.array([], dtype=object)
 
 
+def node_periods(vsn: np.ndarray, ts_ns: np.ndarray, nodes: pa.Table) -> np.ndarray:
+    """Row of ``nodes`` valid for each (vsn, ts_ns), or -1 where the node's location is unknown then."""
+    vsn = np.asarray(vsn, dtype=object)
+    ts_ns = np.asarray(ts_ns, dtype=np.int64)
+    codes, names = pd.factorize(pd.Series(vsn, dtype=object))
+    code_of = {name: i for i, name in enumerate(names)}
+    period = np.full(len(ts_ns), -1, dtype=np.int64)
+    for index, row in enumerate(nodes.to_pylist()):
+        code = code_of.get(row["vsn"])
+        if code is None:
+            continue
+        start = -(2**63) if row["valid_from"] is None else int(pd.Timestamp(row["valid_from"]).value)
+        end = 2**63 - 1 if row["valid_to"] is None else int(pd.Timestamp(row["valid_to"]).value)
+        period[(codes == code) & (ts_ns >= start) & (ts_ns < end) & (period < 0)] = index
+    return period
+
+
 def location_columns(vsn: np.ndarray, ts_ns: np.ndarray, nodes: pa.Table) -> dict[str, np.ndarray]:
     """The LOCATION_COLUMNS for each (vsn, ts_ns), from the node period valid at that instant.
 
@@ -251,20 +269,10 @@ def location_columns(vsn: np.ndarray, ts_ns: np.ndarray, nodes: pa.Table) -> dic
     NaT if unknown), utc_offset_min (float, NaN if unknown), sun_elevation_deg (NaN if unknown), is_day
     (object: True/False/None), node_id (object, None where nodes.csv has none for the period).
     """
-    vsn = np.asarray(vsn, dtype=object)
     ts_ns = np.asarray(ts_ns, dtype=np.int64)
     n = len(ts_ns)
-    codes, names = pd.factorize(pd.Series(vsn, dtype=object))
-    code_of = {name: i for i, name in enumerate(names)}
     rows = nodes.to_pylist()
-    period = np.full(n, -1, dtype=np.int64)
-    for index, row in enumerate(rows):
-        code = code_of.get(row["vsn"])
-        if code is None:
-            continue
-        start = -(2**63) if row["valid_from"] is None else int(pd.Timestamp(row["valid_from"]).value)
-        end = 2**63 - 1 if row["valid_to"] is None else int(pd.Timestamp(row["valid_to"]).value)
-        period[(codes == code) & (ts_ns >= start) & (ts_ns < end) & (period < 0)] = index
+    period = node_periods(vsn, ts_ns, nodes)
     # One extra "unknown" period at the end, so that period -1 indexes NaN/None.
     lat = np.array([r["lat"] for r in rows] + [np.nan], dtype=np.float64)[period]
     lon = np.array([r["lon"] for r in rows] + [np.nan], dtype=np.float64)[period]

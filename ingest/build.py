@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
-from catalog.location import load_nodes_csv, splits
+from catalog.location import load_nodes_csv, node_periods, splits
 from catalog.maintain import location_table, set_nodes_locked, write_snapshot
 from catalog.query import Catalog
 from catalog.runinfo import dump_config, provenance
@@ -242,8 +242,10 @@ def build_shards(
             tasks, carried = _carry_over_rejects(tasks, state.files)
             decisions += carried
 
-        node_for = _node_ids(nodes)
-        tasks = [replace(t, node_id=node_for(t.vsn, t.ts_ns) or t.node_id) for t in tasks]
+        # nodes.csv's node id for the period wins over the upload metadata's (it is the one users correct).
+        period = node_periods([t.vsn for t in tasks], [t.ts_ns for t in tasks], nodes)
+        node_ids = nodes.column("node_id").to_pylist() + [None]
+        tasks = [replace(t, node_id=node_ids[p] or t.node_id) for t, p in zip(tasks, period)]
 
         sample_rows: list[dict] = []
         writer = ShardWriter(
@@ -325,22 +327,6 @@ def _flat(prov: dict) -> dict:
     out["argv"] = " ".join(prov["argv"])
     out.update({f"version_{k}": v for k, v in prov["versions"].items()})
     return out
-
-
-def _node_ids(nodes: pa.Table) -> Callable[[str, int], str | None]:
-    periods: dict[str, list[tuple[int, int, str | None]]] = {}
-    for row in nodes.to_pylist():
-        start = -(2**63) if row["valid_from"] is None else int(row["valid_from"].timestamp() * 1e6) * 1000
-        end = 2**63 - 1 if row["valid_to"] is None else int(row["valid_to"].timestamp() * 1e6) * 1000
-        periods.setdefault(row["vsn"], []).append((start, end, row["node_id"]))
-
-    def node_for(vsn: str, ts_ns: int) -> str | None:
-        for start, end, node_id in periods.get(vsn, []):
-            if start <= ts_ns < end:
-                return node_id
-        return None
-
-    return node_for
 
 
 def _reject_decisions(task: FrameTask, result: FrameResult) -> list[FileDecision]:
