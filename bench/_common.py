@@ -40,8 +40,10 @@ def code_version() -> str:
         dirty = subprocess.run(["git", "-C", str(BENCH_DIR), "status", "--porcelain", "--untracked-files=no", "--",
                                 ".", "..", ":!RESULTS.md"], capture_output=True, text=True, timeout=5).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return (sha or "unknown") + (" + uncommitted changes" if dirty else "")
+        sha, dirty = "", ""
+    if not sha:  # a copy of the tree without .git (a lent GPU machine): the caller may say which commit it is
+        return os.environ.get("SAGEPAIRS_COMMIT", "unknown")
+    return sha + (" + uncommitted changes" if dirty else "")
 
 
 def record(bench: str, lines: list[str]) -> None:

@@ -22,13 +22,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import webdataset as wds
+from webdataset.compat import FluidWrapper
 from webdataset.utils import pytorch_worker_info
 
 from shards.layout import BLOCK, MEMBERS
 from shards.verify import check_member_header
 
-__all__ = ["ShardReadError", "SelectionReader", "read_selection", "load_selection", "partition"]
+__all__ = ["ShardReadError", "SelectionReader", "read_selection", "load_selection", "partition", "epoch_order"]
 
 _REQUIRED = ("key", "shard", "shard_bytes", "sample_offset", "sample_length", "ir_offset", "ir_size",
              "json_offset", "json_size", "rgb_offset", "rgb_size")
@@ -80,6 +80,11 @@ def partition(n: int, slot: int, slots: int, remainder: str = "pad") -> np.ndarr
     raise ValueError(f"remainder must be pad, drop or uneven, got {remainder!r}")
 
 
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The shuffled order of ``n`` Selection rows in ``epoch``: what every rank and worker agrees on."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
 @dataclass
 class SelectionReader:
     """Iterable over the samples of a Selection; picklable, so it works in DataLoader workers."""
@@ -97,9 +102,7 @@ class SelectionReader:
     def order(self) -> np.ndarray:
         """The global sample order: a function of (seed, epoch, selection) only."""
         n = self.table.num_rows
-        if not self.shuffle:
-            return np.arange(n)
-        return np.random.default_rng([self.seed, self.epoch]).permutation(n)
+        return epoch_order(n, self.seed, self.epoch) if self.shuffle else np.arange(n)
 
     def my_rows(self) -> np.ndarray:
         rank, world, worker, workers = pytorch_worker_info()
@@ -116,10 +119,19 @@ class SelectionReader:
         return iter(self)
 
     def __iter__(self) -> Iterator[dict]:
-        rows = self.my_rows()
+        return self.iter_rows(self.my_rows())
+
+    def _columns(self) -> dict[str, np.ndarray]:
+        # Cached per process: a DataLoader worker converts the table once, not once per batch.
+        if getattr(self, "_column_cache", None) is None:
+            self._column_cache = {c: self.table.column(c).to_numpy(zero_copy_only=False) for c in _REQUIRED}
+        return self._column_cache
+
+    def iter_rows(self, rows: np.ndarray) -> Iterator[dict]:
+        """The samples at these row indices of the Selection, in exactly this order (a training batch, say)."""
         if len(rows) == 0:
             return
-        columns = {c: self.table.column(c).to_numpy(zero_copy_only=False) for c in _REQUIRED}
+        columns = self._columns()
         shards_dir = self.dataset / "shards"
         # Consecutive runs of rows in the same shard share one open file (and maybe one whole-shard read).
         start = 0
@@ -186,15 +198,14 @@ def read_selection(
     seed: int = 0,
     epoch: int = 0,
     decode: str | None = None,
-) -> wds.DataPipeline:
+) -> FluidWrapper:
     """A webdataset pipeline over a Selection; ``decode`` (e.g. ``"rgb8"``) adds ``wds.decode(decode)``.
 
+    It has webdataset's fluid interface, so it composes like ``wds.WebDataset``:
+    ``read_selection(sel).decode("rgb8").to_tuple("rgb.jpg", "ir.npy").batched(16)``.
     Rank and world size default to what webdataset detects (torch.distributed or RANK/WORLD_SIZE); DataLoader
     workers are detected inside each worker.
     """
     table, root = load_selection(selection, dataset)
-    reader = SelectionReader(table, root, rank, world_size, remainder, shuffle, seed, epoch)
-    stages = [reader]
-    if decode:
-        stages.append(wds.decode(decode))
-    return wds.DataPipeline(*stages)
+    pipeline = FluidWrapper(SelectionReader(table, root, rank, world_size, remainder, shuffle, seed, epoch))
+    return pipeline.decode(decode) if decode else pipeline

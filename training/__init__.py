@@ -1,5 +1,7 @@
-"""training: VICReg training of an RGB ViT and an IR ViT over MPI ranks (planned: `training run --config train.toml`, `training jobscript`).
+"""training: VICReg of an RGB ViT and an IR ViT, streamed from a sagepairs dataset across MPI ranks.
 
-Not built yet: its issue comes after the data path (ingest, shards, catalog). The package and its command
-exist so the layout and the console scripts are fixed from the start.
+``training run --config train.toml`` (alone or under ``mpiexec -n R``), ``training init-config``,
+``training jobscript``. The library: ``training.config`` (typed config), ``training.loader`` (step plan and
+batches), ``training.transforms`` (pure augmentations), ``training.model`` (ViTs, expanders, VICReg loss),
+``training.train`` (the run).
 """

@@ -1,0 +1,167 @@
+"""Training throughput on one GPU: the model-only rate against the end-to-end rate from the shards.
+
+One prepared run for a GPU machine (../shared/notes/gpu-feed.md says how to get the project there):
+
+1. builds a dataset of full-size 6144x2048 frames with `ingest synth` + `ingest build-shards --workers 16`;
+2. runs `training run` on it for a fixed number of steps, once with `data.decode = "cpu"` (16 workers) and once
+   with `"gpu"` (nvJPEG; workers only read bytes and crop the IR), bf16, ViT-S branches at the default sizes
+   (RGB 240x320 patch 16, IR 120x160 patch 8: 300 tokens a branch), and reads the steady-state rate and the
+   data-wait share from the run's metrics.jsonl;
+3. measures the model-only rate: the same step (`training.train.vicreg_step`) on random tensors already on the GPU.
+
+Target: end-to-end >= 0.9 of the model-only rate. Expanders are 2048-2048-2048 (as in gpu-feed.md's reference
+figure, 2,612 pairs/s at 224/112), so the numbers compare with it.
+
+    PYTHONPATH=/tmp/site:$PWD python3 bench/train_gpu.py [--frames 512] [--steps 60] [--summary $OUT/train_gpu.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench._common import OUT, record  # noqa: E402
+
+BATCH = 256
+EXPANDER = "[2048, 2048, 2048]"
+
+
+def run(argv: list[str], **kwargs) -> subprocess.CompletedProcess:
+    print("+", " ".join(argv), flush=True)
+    return subprocess.run(argv, cwd=ROOT, check=True, **kwargs)
+
+
+def build_dataset(root: Path, frames_per_node: int, workers: int) -> tuple[Path, list[str]]:
+    raw, dataset = root / "raw", root / "dataset"
+    lines = []
+    if not (dataset / "catalog").exists():
+        shutil.rmtree(root, ignore_errors=True)
+        started = time.perf_counter()
+        run([sys.executable, "-m", "ingest", "synth", str(raw), "--nodes", "2", "--frames", str(frames_per_node),
+             "--scale", "1.0", "--workers", str(workers), "--quiet"])
+        synth_s = time.perf_counter() - started
+        started = time.perf_counter()
+        run([sys.executable, "-m", "ingest", "build-shards", str(raw), str(dataset), "--nodes", str(raw / "nodes.csv"),
+             "--workers", str(workers), "--quiet"])
+        build_s = time.perf_counter() - started
+        frames = 2 * frames_per_node
+        lines.append(f"dataset: {frames} full-size 6144x2048 frames; synth {synth_s:.0f} s; build-shards --workers "
+                     f"{workers}: {build_s:.1f} s = {frames / build_s:.0f} frames/s (whole run, scan and commit included)")
+    return dataset, lines
+
+
+def end_to_end(dataset: Path, decode: str, workers: int, steps: int, run_dir: Path) -> dict:
+    shutil.rmtree(run_dir, ignore_errors=True)
+    sets = {
+        "data.dataset": str(dataset), "data.where": "TRUE", "data.decode": decode, "data.workers": str(workers),
+        "data.prefetch": "4", "model.expander": EXPANDER, "train.batch_size": str(BATCH), "train.epochs": "1000",
+        "optim.warmup_epochs": "1", "train.max_steps": str(steps), "train.log_every": "1",
+        "train.checkpoint_every": "1000", "run.dir": str(run_dir),
+    }
+    argv = [sys.executable, "-m", "training", "run", "--quiet"]
+    for key, value in sets.items():
+        argv += ["--set", f"{key}={value}"]
+    started = time.perf_counter()
+    run(argv)
+    wall = time.perf_counter() - started
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steady = rows[len(rows) // 4 :]  # past worker start-up and the first compilation of kernels
+    return {
+        "decode": decode, "workers": workers, "steps": steps,
+        "pairs_per_s": statistics.median(r["samples_per_s"] for r in steady),
+        "data_wait": statistics.median(r["data_wait"] for r in steady),
+        "mean_pairs_per_s": statistics.fmean(r["samples_per_s"] for r in steady),
+        "wall_s": wall, "loss_first": rows[0]["loss"], "loss_last": rows[-1]["loss"],
+    }
+
+
+def model_only(steps: int) -> dict:
+    import torch
+
+    from training.config import DataConfig, LossConfig, ModelConfig, OptimConfig
+    from training.model import VICReg
+    from training.optim import build_optimizer
+    from training.train import vicreg_step
+
+    device = torch.device("cuda")
+    data, model_config = DataConfig(), ModelConfig(expander=(2048, 2048, 2048))
+    torch.manual_seed(0)
+    model = VICReg(model_config, data.rgb_size, data.ir_size, (3, 1)).to(device)
+    optimizer = build_optimizer(model, OptimConfig(), fused=True)
+    first = torch.randn(BATCH, 3, *data.rgb_size, device=device)
+    second = torch.randn(BATCH, 1, *data.ir_size, device=device)
+
+    def autocast():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+
+    def timed(n: int, train: bool) -> float:
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        for _ in range(n):
+            if train:
+                vicreg_step(model, optimizer, first, second, 0.01, LossConfig(), autocast)
+            else:
+                with torch.no_grad(), autocast():
+                    model.rgb_backbone(first)
+                    model.ir_backbone(second)
+        torch.cuda.synchronize()
+        return n * BATCH / (time.perf_counter() - started)
+
+    timed(5, True)
+    train_rate = statistics.median(timed(max(steps // 3, 5), True) for _ in range(3))
+    model.eval()
+    timed(3, False)
+    embed_rate = statistics.median(timed(max(steps // 3, 5), False) for _ in range(3))
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    return {"train_pairs_per_s": train_rate, "embed_pairs_per_s": embed_rate, "peak_gib": peak,
+            "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--frames", type=int, default=512, help="full-size frames per node (2 nodes)")
+    parser.add_argument("--steps", type=int, default=60, help="training steps per end-to-end run")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 16)
+    parser.add_argument("--gpu-workers", type=int, default=8, help="loader workers with data.decode = gpu")
+    parser.add_argument("--summary", help="also write the recorded lines here (markdown)")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    if not torch.cuda.is_available():
+        print("bench/train_gpu.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    dataset, lines = build_dataset(OUT / f"train-gpu-{args.frames}", args.frames, args.workers)
+    results = [end_to_end(dataset, "cpu", args.workers, args.steps, OUT / "train-gpu-run-cpu"),
+               end_to_end(dataset, "gpu", args.gpu_workers, args.steps, OUT / "train-gpu-run-gpu")]
+    model = model_only(args.steps)
+    limit = model["train_pairs_per_s"]
+    lines.insert(0, f"GPU: {model['gpu']}, torch {model['torch']}, bf16 autocast, batch {BATCH}, ViT-S/16 RGB 240x320 + "
+                    f"ViT-S/8 IR 120x160 (300 tokens a branch), expanders {EXPANDER}, LARS")
+    lines.append(f"model-only (random tensors on the GPU): train {limit:.0f} pairs/s; embed without gradients "
+                 f"{model['embed_pairs_per_s']:.0f} pairs/s; peak {model['peak_gib']:.1f} GiB")
+    for r in results:
+        lines.append(
+            f"end-to-end from the shards, data.decode = {r['decode']} ({r['workers']} workers): {r['pairs_per_s']:.0f} "
+            f"pairs/s (median over steps; mean {r['mean_pairs_per_s']:.0f}) = {r['pairs_per_s'] / limit:.2f} of the "
+            f"model-only rate (target >= 0.9); data wait {100 * r['data_wait']:.1f}% of step time; loss "
+            f"{r['loss_first']:.2f} -> {r['loss_last']:.2f} over {r['steps']} steps"
+        )
+    record("bench/train_gpu.py", lines)
+    if args.summary:
+        Path(args.summary).write_text("\n".join(f"- {line}" for line in lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""Checkpoints: written atomically, read with ``weights_only=True``, and the schedule guard for resuming.
+
+A checkpoint holds only tensors, numbers, strings, lists and dicts, so ``torch.load(weights_only=True)`` reads it
+and no pickled code ever runs on load.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["CheckpointError", "save_atomic", "load_checkpoint", "schedule_differences", "model_differences",
+           "SCHEDULE_KEYS", "MODEL_KEYS"]
+
+# What decides each step's learning rate and samples: changing any of these bends a running schedule.
+SCHEDULE_KEYS = ("epochs", "global_batch", "base_lr", "warmup_epochs", "final_lr_ratio", "optimizer", "seed",
+                 "n_samples", "selection_sha256")
+# What decides the weights' shapes and meaning: a checkpoint cannot continue under a different one.
+MODEL_KEYS = ("mode", "rgb_arch", "ir_arch", "rgb_patch", "ir_patch", "depth", "expander", "first_hw", "second_hw")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used as asked; the message names the file and the difference."""
+
+
+def save_atomic(state: dict[str, Any], path: Path) -> None:
+    """Write to ``path.tmp``, fsync, rename: a reader never sees a half-written checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        torch.save(state, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure means the same thing to the user
+        raise CheckpointError(f"{path}: not a readable sagepairs checkpoint ({type(exc).__name__}: {exc})") from None
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any], keys: tuple[str, ...]) -> list[str]:
+    out = []
+    for key in keys:
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
+            a, b = list(a) if a is not None else None, list(b) if b is not None else None
+        if a != b:
+            shown_a = a[:12] + "..." if isinstance(a, str) and len(a) > 16 else a
+            shown_b = b[:12] + "..." if isinstance(b, str) and len(b) > 16 else b
+            out.append(f"{key} {shown_a} -> {shown_b}")
+    return out
+
+
+def schedule_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    return _differences(old, new, SCHEDULE_KEYS)
+
+
+def model_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    return _differences(old, new, MODEL_KEYS)

@@ -1,0 +1,205 @@
+"""Ranks from MPI, torch.distributed on top: the rendezvous, the device, and the two collectives VICReg needs.
+
+mpi4py gives rank, world size and the node-local rank under any MPI (MPICH, Open MPI, Cray PALS, srun via PMI),
+so no launcher-specific environment variables are read. Rank 0 picks a free TCP port and broadcasts its address
+over MPI; no port is hard-coded. gloo on CPUs, NCCL on GPUs; the node-local rank picks the GPU.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+__all__ = ["Dist", "mpi_world", "init_distributed", "abort", "FullGatherLayer", "gather_rows", "SyncBatchNorm1d",
+           "all_mean", "is_distributed", "AllReduceSum", "launched_by_mpi"]
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_size: int
+    device: torch.device
+    backend: str | None  # None: a single process, no process group
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+# Set by MPI launchers for their ranks: Hydra/MPICH and Slurm's PMI, PMIx, Open MPI, MVAPICH, Cray PALS.
+_LAUNCHER_VARIABLES = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE", "PALS_RANKID")
+
+
+def launched_by_mpi() -> bool:
+    return any(name in os.environ for name in _LAUNCHER_VARIABLES)
+
+
+def mpi_world() -> tuple[int, int, int, int]:
+    """(rank, world size, node-local rank, ranks on this node) from MPI; (0, 1, 0, 1) for a plain single process.
+
+    A process no MPI launcher started does not initialise MPI at all, so `training run` works where mpi4py's
+    MPI library cannot start without a launcher.
+    """
+    if not launched_by_mpi():
+        return 0, 1, 0, 1
+    from mpi4py import MPI
+
+    world = MPI.COMM_WORLD
+    local = world.Split_type(MPI.COMM_TYPE_SHARED, key=world.Get_rank())
+    try:
+        return world.Get_rank(), world.Get_size(), local.Get_rank(), local.Get_size()
+    finally:
+        local.Free()
+
+
+def bcast(value, root: int = 0):
+    from mpi4py import MPI
+
+    return MPI.COMM_WORLD.bcast(value, root=root)
+
+
+def abort(code: int = 1) -> None:
+    """End every rank now (a failed rank must not leave the others waiting in a collective)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        if not launched_by_mpi():
+            raise RuntimeError("no MPI")
+        from mpi4py import MPI
+
+        if MPI.COMM_WORLD.Get_size() > 1:
+            MPI.COMM_WORLD.Abort(code)
+    except Exception:  # noqa: BLE001 - already failing; exiting is all that is left
+        pass
+    os._exit(code)
+
+
+def _rendezvous_address() -> str:
+    """Rank 0's address as the other ranks can reach it: loopback on one node, else its resolved hostname."""
+    from mpi4py import MPI
+
+    hosts = MPI.COMM_WORLD.allgather(socket.gethostname())
+    if len(set(hosts)) == 1:
+        return "127.0.0.1"
+    override = os.environ.get("SAGEPAIRS_MASTER_ADDR")
+    return override or socket.gethostbyname(socket.getfqdn())
+
+
+def _free_port(address: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((address if address != "127.0.0.1" else "127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_distributed(timeout_s: float, use_cuda: bool | None = None) -> Dist:
+    """Join all MPI ranks in one torch.distributed process group (none for a single process)."""
+    rank, world, local_rank, local_size = mpi_world()
+    cuda = torch.cuda.is_available() if use_cuda is None else use_cuda
+    if cuda:
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world == 1:
+        return Dist(0, 1, 0, 1, device, None)
+    address = _rendezvous_address()
+    port = _free_port(address) if rank == 0 else None
+    address, port = bcast((address, port) if rank == 0 else None)
+    backend = "nccl" if cuda else "gloo"
+    kwargs = {"device_id": device} if cuda else {}
+    dist.init_process_group(backend, init_method=f"tcp://{address}:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=timeout_s), **kwargs)
+    return Dist(rank, world, local_rank, local_size, device, backend)
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class FullGatherLayer(torch.autograd.Function):
+    """all_gather whose backward sums every rank's gradient for this rank's rows (upstream VICReg's).
+
+    A plain all_gather cuts the graph: the variance and covariance terms would then pull only on local rows.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor):  # noqa: ANN205
+        output = [torch.zeros_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(output, x.contiguous())
+        return tuple(output)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor) -> torch.Tensor:
+        all_gradients = torch.stack(grads)
+        dist.all_reduce(all_gradients)
+        return all_gradients[dist.get_rank()]
+
+
+def gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """Rows of every rank, in rank order, differentiable; ``x`` itself without a process group."""
+    if not is_distributed():
+        return x
+    return torch.cat(FullGatherLayer.apply(x), dim=0)
+
+
+def all_mean(values: torch.Tensor) -> torch.Tensor:
+    """Mean over ranks (for logging)."""
+    if not is_distributed():
+        return values
+    values = values.detach().clone()
+    dist.all_reduce(values)
+    return values / dist.get_world_size()
+
+
+class AllReduceSum(torch.autograd.Function):
+    """Sum over ranks whose backward sums the gradients too (every rank used the sum)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+class SyncBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm1d whose batch statistics cover every rank's rows, on CPUs (gloo) as on GPUs.
+
+    torch's SyncBatchNorm refuses CPU tensors; this computes the same thing with one differentiable all_reduce
+    of (sum, sum of squares, count), so 2 ranks x 4 rows normalise exactly like 1 process x 8 rows.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and is_distributed()):
+            return super().forward(x)
+        values = x.float()
+        channels = values.shape[1]
+        count = torch.full((1,), float(values.shape[0]), device=values.device)
+        stats = AllReduceSum.apply(torch.cat([values.sum(0), (values * values).sum(0), count]))
+        n = stats[-1]
+        mean = stats[:channels] / n
+        var = (stats[channels : 2 * channels] / n - mean * mean).clamp_min(0)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.mul_(1 - momentum).add_(mean.detach(), alpha=momentum)
+                self.running_var.mul_(1 - momentum).add_(var.detach() * n / (n - 1).clamp_min(1), alpha=momentum)
+        out = (values - mean) * torch.rsqrt(var + self.eps)
+        if self.affine:
+            out = out * self.weight + self.bias
+        return out.to(x.dtype)

@@ -1,0 +1,256 @@
+"""Training batches from a catalog Selection: a step plan that every rank agrees on, workers that build whole
+batches in uint8, and the device-side step that turns them into the two views a mode needs.
+
+Order: epoch ``e``'s global order is the Selection reader's order for (seed, e) (a function of seed, epoch and
+selection only). Global step ``g`` of an epoch takes the next ``batch_size x world_size`` samples of that order;
+rank ``r`` takes its contiguous ``batch_size`` of them. The incomplete last global batch is dropped, so every
+rank runs exactly ``steps_per_epoch`` steps, and the samples a global step sees do not depend on the number of
+ranks. Workers: worker ``w`` of ``W`` builds the batches of steps ``start + w, start + w + W, ...``, which is the
+order a DataLoader takes them back in, so the number of workers changes nothing either.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import signal
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from shards.reader import SelectionReader, epoch_order
+from training.config import DataConfig
+from training.transforms import (
+    crop_ir,
+    decode_rgb_crop,
+    draw_augment,
+    fit_to_grid,
+    ir_bands,
+    jitter_grey,
+    jitter_rgb,
+    luma,
+    normalise_ir,
+    rgb_to_float,
+    sample_rng,
+    tiled_size,
+)
+
+__all__ = ["StepPlan", "PairBatches", "BatchViews", "make_loader", "selection_fingerprint"]
+
+
+def selection_fingerprint(table: pa.Table) -> str:
+    """sha256 of the Selection's keys in order: a resumed run must read the same samples."""
+    digest = hashlib.sha256()
+    for key in table.column("key").to_pylist():
+        digest.update(key.encode() + b"\n")
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """Which samples each (global step, rank) reads."""
+
+    n_samples: int
+    batch_size: int  # per rank
+    world_size: int
+    seed: int
+    epochs: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.world_size
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.n_samples // self.global_batch
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.epochs
+
+    def order(self, epoch: int) -> np.ndarray:
+        # Exactly SelectionReader.order() with shuffle on, so `read_selection(..., shuffle=True, seed, epoch)`
+        # and training agree on what an epoch is.
+        return epoch_order(self.n_samples, self.seed, epoch)
+
+    def global_rows(self, step: int) -> np.ndarray:
+        """Selection rows of global step ``step`` (counted from the start of training), all ranks together."""
+        epoch, within = divmod(step, self.steps_per_epoch)
+        start = within * self.global_batch
+        return self._order_cached(epoch)[start : start + self.global_batch]
+
+    def rows(self, step: int, rank: int) -> np.ndarray:
+        return self.global_rows(step)[rank * self.batch_size : (rank + 1) * self.batch_size]
+
+    @functools.lru_cache(maxsize=2)  # noqa: B019 - a plan is small and lives as long as its loader
+    def _order_cached(self, epoch: int) -> np.ndarray:
+        return self.order(epoch)
+
+
+class PairBatches(IterableDataset):
+    """Whole batches for one rank, steps ``[start_step, stop_step)``: built in DataLoader workers.
+
+    A batch is a dict: ``step``, ``epoch``, ``keys``; ``rgb`` uint8 N x H x W x 3 (``decode='cpu'``) or the
+    batch's JPEG bytes as one uint8 tensor with ``jpeg_offsets``, ``boxes`` and ``flip`` (``decode='gpu'``);
+    ``ir`` float32 N x h x w in degrees C (cropped, jittered); ``rgb_jitter`` N x 3, ``grey_jitter`` N x 2.
+    """
+
+    def __init__(self, reader: SelectionReader, plan: StepPlan, rank: int, data: DataConfig, mode: str,
+                 start_step: int, stop_step: int, ir_fill_c: float) -> None:
+        super().__init__()
+        self.reader, self.plan, self.rank, self.data, self.mode = reader, plan, rank, data, mode
+        self.start_step, self.stop_step, self.ir_fill_c = start_step, stop_step, ir_fill_c
+
+    def __len__(self) -> int:
+        return max(self.stop_step - self.start_step, 0)
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        for step in range(self.start_step + worker, self.stop_step, workers):
+            yield self.batch(step)
+
+    def batch(self, step: int) -> dict:
+        rows = self.plan.rows(step, self.rank)
+        epoch = step // self.plan.steps_per_epoch
+        data = self.data
+        rgb_hw, ir_hw = data.rgb_size, data.ir_size
+        n = len(rows)
+        keys: list[str] = []
+        rgb = np.empty((n, *rgb_hw, 3), dtype=np.uint8) if data.decode == "cpu" else None
+        jpegs: list[bytes] = []
+        boxes = np.empty((n, 4), dtype=np.float32)
+        flips = np.empty(n, dtype=bool)
+        need_ir = self.mode != "rgb-grey"
+        ir = np.zeros((n, *ir_hw), dtype=np.float32)
+        rgb_jitter = np.empty((n, 3), dtype=np.float32)
+        grey_jitter = np.empty((n, 2), dtype=np.float32)
+        for i, sample in enumerate(self.reader.iter_rows(rows)):
+            key = sample["__key__"]
+            aug = draw_augment(sample_rng(self.plan.seed, epoch, key), data)
+            keys.append(key)
+            boxes[i], flips[i] = aug.box, aug.flip
+            rgb_jitter[i], grey_jitter[i] = aug.rgb_jitter, aug.grey_jitter
+            if rgb is not None:
+                rgb[i] = decode_rgb_crop(sample["rgb.jpg"], aug.box, rgb_hw, aug.flip)
+            else:
+                jpegs.append(sample["rgb.jpg"])
+            if need_ir:
+                celsius = np.load(io.BytesIO(sample["ir.npy"]), allow_pickle=False)
+                ir[i] = crop_ir(celsius, aug.box, ir_hw, aug.flip, self.ir_fill_c, aug.ir_gain, aug.ir_offset_c,
+                                data.ir_noise_c, aug.noise_seed)
+        batch = {
+            "step": step,
+            "epoch": epoch,
+            "keys": keys,
+            "ir": torch.from_numpy(ir),
+            "rgb_jitter": torch.from_numpy(rgb_jitter),
+            "grey_jitter": torch.from_numpy(grey_jitter),
+        }
+        if rgb is not None:
+            batch["rgb"] = torch.from_numpy(rgb)
+        else:
+            # One tensor for the whole batch: one shared-memory block instead of N small ones.
+            sizes = np.fromiter((len(j) for j in jpegs), dtype=np.int64, count=n)
+            offsets = np.zeros(n + 1, dtype=np.int64)
+            np.cumsum(sizes, out=offsets[1:])
+            batch["jpeg"] = torch.from_numpy(np.frombuffer(b"".join(jpegs), dtype=np.uint8).copy())
+            batch["jpeg_offsets"] = torch.from_numpy(offsets)
+            batch["boxes"] = torch.from_numpy(boxes)
+            batch["flip"] = torch.from_numpy(flips)
+        return batch
+
+
+def _worker_ignores_stop_signals(worker_id: int) -> None:
+    # A batch system's SIGTERM goes to every process of the job. The training process saves a checkpoint and
+    # shuts its workers down; a worker that died of the signal first would make the DataLoader raise instead.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def make_loader(batches: PairBatches, workers: int, prefetch: int, pin_memory: bool) -> DataLoader:
+    return DataLoader(
+        batches,
+        batch_size=None,  # the dataset yields whole batches
+        num_workers=workers,
+        pin_memory=pin_memory,
+        prefetch_factor=prefetch if workers else None,
+        # One iterator covers every remaining step of the run (epochs included), so the workers persist for the
+        # whole run and there is no epoch boundary at which they restart.
+        persistent_workers=False,
+        worker_init_fn=_worker_ignores_stop_signals if workers else None,
+    )
+
+
+class BatchViews:
+    """Device side of a batch: uint8 -> float, jitter, normalisation, the mode's two views, fitted to the patch grid."""
+
+    def __init__(self, data: DataConfig, mode: str, rgb_patch: int, ir_patch: int, ir_mean_c: float, ir_std_c: float,
+                 device: torch.device) -> None:
+        self.data, self.mode, self.device = data, mode, device
+        self.ir_mean_c, self.ir_std_c = ir_mean_c, ir_std_c
+        self.first_hw = tiled_size(data.rgb_size, rgb_patch, data.fit)
+        self.second_hw = tiled_size(data.ir_size, ir_patch, data.fit)
+
+    @property
+    def channels(self) -> tuple[int, int]:
+        return (1 if self.mode == "grey-ir" else 3, 3 if self.mode == "ir3" else 1)
+
+    def rgb(self, batch: dict) -> torch.Tensor:
+        """The batch's RGB crops on the device as float N x 3 x H x W in [0, 1]."""
+        if "rgb" in batch:
+            return rgb_to_float(batch["rgb"].to(self.device, non_blocking=True))
+        return decode_crop_on_device(batch, self.data.rgb_size, self.device)
+
+    def __call__(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        rgb = self.rgb(batch)
+        rgb_jitter = batch["rgb_jitter"].to(self.device, non_blocking=True)
+        grey_jitter = batch["grey_jitter"].to(self.device, non_blocking=True)
+        if self.mode == "grey-ir":
+            first = jitter_grey(luma(rgb), grey_jitter)
+        else:
+            first = jitter_rgb(rgb, rgb_jitter)
+        if self.mode == "rgb-grey":
+            # The control's second view comes from the RGB image itself, never from the thermal one.
+            small = F.interpolate(luma(rgb), size=self.data.ir_size, mode="bilinear", antialias=True, align_corners=False)
+            second = jitter_grey(small, grey_jitter)
+        else:
+            celsius = batch["ir"].to(self.device, non_blocking=True)
+            if self.mode == "ir3":
+                second = ir_bands(celsius, self.data.ir3_bounds, self.ir_mean_c, self.ir_std_c)
+            else:
+                second = normalise_ir(celsius, self.ir_mean_c, self.ir_std_c)
+        return fit_to_grid(first, self.first_hw), fit_to_grid(second, self.second_hw)
+
+
+def decode_crop_on_device(batch: dict, out_hw: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """Decode a batch's JPEGs with torchvision (nvJPEG on CUDA), crop each box and resize: float N x 3 x H x W in [0, 1].
+
+    The crop+resize is one ``roi_align`` per image size (2 x 2 samples per output pixel, a cheap antialias).
+    """
+    from torchvision.io import ImageReadMode, decode_jpeg
+    from torchvision.ops import roi_align
+
+    data, offsets = batch["jpeg"], batch["jpeg_offsets"].tolist()
+    encoded = [data[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)]
+    decoded = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    out = torch.empty((len(decoded), 3, *out_hw), dtype=dtype, device=device)
+    boxes = batch["boxes"].to(device)
+    by_size: dict[tuple[int, int], list[int]] = {}
+    for i, image in enumerate(decoded):
+        by_size.setdefault(tuple(image.shape[-2:]), []).append(i)
+    for (height, width), index in by_size.items():
+        images = torch.stack([decoded[i] for i in index]).to(dtype)
+        scale = torch.tensor([width, height, width, height], dtype=torch.float32, device=device)
+        rois = torch.cat([torch.arange(len(index), device=device, dtype=torch.float32).unsqueeze(1),
+                          boxes[index] * scale], dim=1).to(dtype)
+        out[index] = roi_align(images, rois, output_size=out_hw, spatial_scale=1.0, sampling_ratio=2, aligned=True)
+    flip = batch["flip"].to(device)
+    out = torch.where(flip.view(-1, 1, 1, 1), out.flip(-1), out)
+    return out.float().div_(255.0)

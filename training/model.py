@@ -1,0 +1,110 @@
+"""Two timm ViT branches with VICReg expanders, and the VICReg loss (upstream formula, gathered across ranks)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from training.config import ModelConfig
+from training.distributed import SyncBatchNorm1d, gather_rows
+
+__all__ = ["ModelError", "build_backbone", "Expander", "VICReg", "vicreg_loss", "off_diagonal", "embedding_std",
+           "check_arch"]
+
+
+class ModelError(ValueError):
+    """A model the config asks for cannot be built; the message names the key."""
+
+
+def check_arch(name: str, key: str) -> None:
+    import timm
+
+    if not timm.is_model(name):
+        close = timm.list_models(f"{name.split('_')[0]}_*")[:5]
+        hint = f" (e.g. {', '.join(close)})" if close else ""
+        raise ModelError(f"{key} = {name!r} is not a timm model name{hint}")
+
+
+def build_backbone(arch: str, patch: int, in_chans: int, img_hw: tuple[int, int], depth: int = 0,
+                   drop_path: float = 0.0, key: str = "model") -> nn.Module:
+    """A timm ViT from random init, its position embedding built for the true (H, W) patch grid."""
+    import timm
+
+    check_arch(arch, key)
+    if img_hw[0] % patch or img_hw[1] % patch:
+        raise ModelError(f"{key}: patch {patch} does not tile {img_hw[0]}x{img_hw[1]} (set data.fit = 'crop' or 'pad')")
+    kwargs = {"depth": depth} if depth else {}
+    try:
+        return timm.create_model(arch, pretrained=False, num_classes=0, img_size=img_hw, patch_size=patch,
+                                 in_chans=in_chans, drop_path_rate=drop_path, **kwargs)
+    except TypeError as exc:
+        raise ModelError(f"{key} = {arch!r} cannot be built as a ViT with patch_size/img_size ({exc})") from None
+
+
+class Expander(nn.Sequential):
+    """Linear -> BN -> ReLU for every width but the last, then Linear without bias (upstream VICReg's projector)."""
+
+    def __init__(self, in_dim: int, widths: tuple[int, ...]) -> None:
+        layers: list[nn.Module] = []
+        dims = (in_dim, *widths)
+        for i in range(len(widths) - 1):
+            layers += [nn.Linear(dims[i], dims[i + 1]), SyncBatchNorm1d(dims[i + 1]), nn.ReLU(inplace=True)]
+        layers.append(nn.Linear(dims[-2], dims[-1], bias=False))
+        super().__init__(*layers)
+
+
+class VICReg(nn.Module):
+    """RGB branch (first view) and IR branch (second view): backbone then expander each; no weights shared.
+
+    Parameter names are stable (``rgb_backbone.*``, ``ir_backbone.*``, ``rgb_expander.*``, ``ir_expander.*``), so
+    analysis loads a branch straight from a checkpoint.
+    """
+
+    def __init__(self, model: ModelConfig, first_hw: tuple[int, int], second_hw: tuple[int, int],
+                 channels: tuple[int, int]) -> None:
+        super().__init__()
+        self.rgb_backbone = build_backbone(model.rgb_arch, model.rgb_patch, channels[0], first_hw, model.depth,
+                                           model.drop_path, key="model.rgb_arch")
+        self.ir_backbone = build_backbone(model.ir_arch, model.ir_patch, channels[1], second_hw, model.depth,
+                                          model.drop_path, key="model.ir_arch")
+        self.rgb_expander = Expander(self.rgb_backbone.num_features, model.expander)
+        self.ir_expander = Expander(self.ir_backbone.num_features, model.expander)
+
+    def forward(self, first: torch.Tensor, second: torch.Tensor):
+        h_rgb = self.rgb_backbone(first)
+        h_ir = self.ir_backbone(second)
+        return self.rgb_expander(h_rgb), self.ir_expander(h_ir), h_rgb, h_ir
+
+
+def off_diagonal(x: torch.Tensor) -> torch.Tensor:
+    n = x.shape[0]
+    return x.flatten()[:-1].view(n - 1, n + 1)[:, 1:].flatten()
+
+
+def vicreg_loss(z_a: torch.Tensor, z_b: torch.Tensor, sim: float = 25.0, std: float = 25.0, cov: float = 1.0):
+    """Upstream VICReg: invariance on this rank's rows; variance and covariance on every rank's rows.
+
+    Divided by the batch actually gathered (the 2023 code divided by the global batch while holding only the
+    local one, so its loss changed with the number of GPUs). Returns (loss, {"sim", "std", "cov"}).
+    """
+    z_a, z_b = z_a.float(), z_b.float()
+    repr_loss = F.mse_loss(z_a, z_b)
+    x, y = gather_rows(z_a), gather_rows(z_b)
+    n, dim = x.shape
+    x = x - x.mean(dim=0)
+    y = y - y.mean(dim=0)
+    std_x = torch.sqrt(x.var(dim=0) + 0.0001)
+    std_y = torch.sqrt(y.var(dim=0) + 0.0001)
+    std_loss = torch.mean(F.relu(1 - std_x)) / 2 + torch.mean(F.relu(1 - std_y)) / 2
+    cov_x = (x.T @ x) / (n - 1)
+    cov_y = (y.T @ y) / (n - 1)
+    cov_loss = off_diagonal(cov_x).pow_(2).sum().div(dim) + off_diagonal(cov_y).pow_(2).sum().div(dim)
+    loss = sim * repr_loss + std * std_loss + cov * cov_loss
+    return loss, {"sim": repr_loss.detach(), "std": std_loss.detach(), "cov": cov_loss.detach()}
+
+
+def embedding_std(h: torch.Tensor) -> torch.Tensor:
+    """Mean per-dimension std of L2-normalised embeddings: about 1/sqrt(D) when healthy, 0 when collapsed."""
+    with torch.no_grad():
+        return F.normalize(h.float(), dim=1).std(dim=0).mean()

@@ -1,0 +1,571 @@
+"""`training run`: VICReg over MPI ranks, streamed from a catalog Selection, resumable to the exact step.
+
+The flow: rank 0 checks everything a user can get wrong (dataset, SQL, models, sizes, the resume guard) and
+broadcasts the verdict, so a bad config gives one line and no rank starts work. Then every rank builds the same
+model from the same seed, reads its share of each global step, and steps; rank 0 alone prints and writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+import catalog
+from catalog.runinfo import config_to_dict, provenance
+from shards.reader import SelectionReader
+from training.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    model_differences,
+    save_atomic,
+    schedule_differences,
+)
+from training.config import TrainingConfig
+from training.distributed import Dist, abort, all_mean, bcast, init_distributed, is_distributed, mpi_world
+from training.loader import BatchViews, PairBatches, StepPlan, make_loader, selection_fingerprint
+from training.model import ModelError, VICReg, check_arch, embedding_std, vicreg_loss
+from training.optim import build_optimizer, lr_schedule
+from training.plots import plot_loss
+from training.transforms import tiled_size
+
+__all__ = ["TrainingError", "RunPaths", "Plan", "preflight", "run_training", "vicreg_step", "dataclass_replace", "EXIT_SIGNAL_BASE"]
+
+FORMAT = "sagepairs-vicreg-1"
+EXIT_SIGNAL_BASE = 128  # SIGTERM -> 143, SIGINT -> 130, as a shell reports a signalled process
+EXIT_NONFINITE = 3
+
+
+class TrainingError(ValueError):
+    """Something the user can fix; the message is one line naming the key or file."""
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.toml"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def keys(self) -> Path:
+        return self.root / "keys.jsonl"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def last(self) -> Path:
+        return self.checkpoints / "last.pt"
+
+    @property
+    def loss_png(self) -> Path:
+        return self.root / "loss.png"
+
+    def epoch_checkpoint(self, epoch: int) -> Path:
+        return self.checkpoints / f"epoch_{epoch:04d}.pt"
+
+
+@dataclass
+class Plan:
+    """Everything rank 0 resolved before training: broadcast to every rank."""
+
+    config: TrainingConfig
+    selection: pa.Table
+    world_size: int
+    start_step: int
+    resume_from: str | None  # checkpoint path, or None for a fresh run
+    schedule: dict[str, Any]
+    model_spec: dict[str, Any]
+
+    @property
+    def step_plan(self) -> StepPlan:
+        t = self.config.train
+        return StepPlan(self.selection.num_rows, t.batch_size, self.world_size, t.seed, t.epochs)
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else text
+
+
+def _channels(mode: str) -> tuple[int, int]:
+    return (1 if mode == "grey-ir" else 3, 3 if mode == "ir3" else 1)
+
+
+def model_spec(config: TrainingConfig) -> dict[str, Any]:
+    m, d = config.model, config.data
+    return {
+        "mode": m.mode, "rgb_arch": m.rgb_arch, "ir_arch": m.ir_arch, "rgb_patch": m.rgb_patch, "ir_patch": m.ir_patch,
+        "depth": m.depth, "expander": list(m.expander),
+        "first_hw": list(tiled_size(d.rgb_size, m.rgb_patch, d.fit)),
+        "second_hw": list(tiled_size(d.ir_size, m.ir_patch, d.fit)),
+        "channels": list(_channels(m.mode)),
+    }
+
+
+def _schedule(config: TrainingConfig, world_size: int, selection: pa.Table) -> dict[str, Any]:
+    o, t = config.optim, config.train
+    return {
+        "epochs": t.epochs, "global_batch": t.batch_size * world_size, "base_lr": o.base_lr,
+        "warmup_epochs": o.warmup_epochs, "final_lr_ratio": o.final_lr_ratio, "optimizer": o.name, "seed": t.seed,
+        "n_samples": selection.num_rows, "selection_sha256": selection_fingerprint(selection),
+        "ir_mean": config.data.ir_mean, "ir_std": config.data.ir_std,
+    }
+
+
+def _check_sizes(config: TrainingConfig) -> None:
+    d, m = config.data, config.model
+    for name, size, patch in (("RGB", d.rgb_size, m.rgb_patch), ("IR", d.ir_size, m.ir_patch)):
+        if d.fit == "error" and (size[0] % patch or size[1] % patch):
+            raise TrainingError(
+                f"model: patch {patch} does not tile the {name} input {size[0]}x{size[1]} (data.ir_size "
+                f"{list(d.ir_size)}, rgb_scale {d.rgb_scale}); choose a multiple of {patch} or set data.fit = 'crop' or 'pad'"
+            )
+
+
+def _ir_statistics(cat, where: str) -> tuple[float, float]:
+    table = cat.query(
+        f"SELECT avg(ir_mean) AS m, avg(ir_std * ir_std + ir_mean * ir_mean) AS m2 FROM samples WHERE ({where}) "
+        "AND ir_mean IS NOT NULL AND NOT isnan(ir_mean)"
+    )
+    mean, second = table.column("m")[0].as_py(), table.column("m2")[0].as_py()
+    std = math.sqrt(max(second - mean * mean, 0.0))
+    return float(mean), float(max(std, 1e-3))
+
+
+def preflight(config: TrainingConfig, world_size: int, new_schedule: bool = False) -> Plan:
+    """Resolve and check a run before any rank starts: raises TrainingError with one line on anything wrong."""
+    d = config.data
+    if not d.dataset:
+        raise TrainingError("data.dataset is not set (--set data.dataset=DATASET)")
+    if not Path(d.dataset).is_dir():
+        raise TrainingError(f"data.dataset: {d.dataset} does not exist")
+    try:
+        cat = catalog.open(d.dataset)
+    except catalog.CatalogError as exc:
+        raise TrainingError(f"data.dataset: {_first_line(str(exc))}") from None
+    where = d.where.strip() or "TRUE"
+    try:
+        selection = cat.select(where)
+    except catalog.CatalogError as exc:
+        message = _first_line(str(exc)).replace(f"bad --where {where!r}: ", "")
+        raise TrainingError(f"data.where {where!r} is not valid SQL over `samples`: {message}") from None
+    global_batch = config.train.batch_size * world_size
+    if selection.num_rows == 0:
+        raise TrainingError(f"data.where {where!r} selects no samples in {d.dataset}")
+    if selection.num_rows < global_batch:
+        raise TrainingError(
+            f"data.where {where!r} selects {selection.num_rows} samples, fewer than one global batch of {global_batch} "
+            f"(train.batch_size {config.train.batch_size} x {world_size} ranks)"
+        )
+    try:
+        check_arch(config.model.rgb_arch, "model.rgb_arch")
+        check_arch(config.model.ir_arch, "model.ir_arch")
+    except ModelError as exc:
+        raise TrainingError(str(exc)) from None
+    _check_sizes(config)
+
+    paths = RunPaths(Path(config.run.dir))
+    resume_from, start_step, checkpoint = None, 0, None
+    if paths.last.exists():
+        try:
+            checkpoint = torch.load(paths.last, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:  # noqa: BLE001
+            raise TrainingError(f"{paths.last}: cannot be read ({type(exc).__name__}); move it away to start afresh") from None
+        if checkpoint.get("format") != FORMAT:
+            raise TrainingError(f"{paths.last}: not a sagepairs training checkpoint")
+        resume_from, start_step = str(paths.last), int(checkpoint["step"])
+        saved = checkpoint["config"]["data"]
+        if d.ir_mean is None and d.ir_std is None:
+            config = config.with_ir_stats(saved["ir_mean"], saved["ir_std"])
+    if config.data.ir_mean is None or config.data.ir_std is None:
+        mean, std = _ir_statistics(cat, where)
+        config = config.with_ir_stats(config.data.ir_mean if config.data.ir_mean is not None else mean,
+                                      config.data.ir_std if config.data.ir_std is not None else std)
+    cat.close()
+    spec = model_spec(config)
+    schedule = _schedule(config, world_size, selection)
+    if checkpoint is not None:
+        changed_model = model_differences(checkpoint["model_spec"], spec)
+        if changed_model:
+            raise TrainingError(
+                f"{paths.last} was trained with a different model ({'; '.join(changed_model)}); use another run.dir"
+            )
+        changed = schedule_differences(checkpoint["schedule"], schedule)
+        changed += [f"{k} {checkpoint['schedule'].get(k)} -> {schedule[k]}" for k in ("ir_mean", "ir_std")
+                    if checkpoint["schedule"].get(k) != schedule[k]]
+        if changed and not new_schedule:
+            raise TrainingError(
+                f"{paths.last} (step {start_step}) has another schedule: {'; '.join(changed)}. Restore the config, "
+                "or pass --new-schedule to continue these weights under the new one"
+            )
+        if changed:
+            # Same samples consumed so far in this epoch, counted in the new global batch.
+            old, new = checkpoint["schedule"], schedule
+            old_spe = max(old["n_samples"] // old["global_batch"], 1)
+            epoch, within = divmod(start_step, old_spe)
+            new_spe = max(new["n_samples"] // new["global_batch"], 1)
+            start_step = epoch * new_spe + min(within * old["global_batch"] // new["global_batch"], new_spe)
+        del checkpoint
+    return Plan(config, selection, world_size, start_step, resume_from, schedule, spec)
+
+
+# -- the run -----------------------------------------------------------------------------------------------
+
+class StopFlag:
+    """SIGTERM / SIGINT: remember it; the loop saves at the end of the current step and exits non-zero."""
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self._previous[signum] = signal.signal(signum, self._handle)
+
+    def _handle(self, signum, frame) -> None:  # noqa: ANN001
+        self.signum = signum
+
+    def restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+def _autocast(config: TrainingConfig, device: torch.device):
+    precision = config.train.precision
+    if precision == "auto":
+        use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    else:
+        use_bf16 = precision == "bf16"
+    if not use_bf16:
+        return contextlib.nullcontext, "fp32"
+    return (lambda: torch.autocast(device.type, dtype=torch.bfloat16)), "bf16"
+
+
+def _truncate_jsonl(path: Path, start_step: int) -> None:
+    """Drop rows a killed run logged after its last checkpoint: they are about to be run again."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] < start_step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)
+
+
+class Trainer:
+    def __init__(self, plan: Plan, dist_info: Dist, argv: list[str] | None, progress: bool) -> None:
+        self.plan, self.dist, self.argv, self.progress = plan, dist_info, argv, progress
+        self.config = plan.config
+        self.paths = RunPaths(Path(self.config.run.dir))
+        self.steps = plan.step_plan
+        self.stop = StopFlag()
+        self.autocast, self.precision = _autocast(self.config, dist_info.device)
+
+    def log(self, message: str) -> None:
+        if self.dist.is_main:
+            print(message, flush=True)
+
+    def warn(self, message: str) -> None:
+        if self.dist.is_main:
+            print(message, file=sys.stderr, flush=True)
+
+    # -- set-up --
+    def build(self) -> None:
+        c, device = self.config, self.dist.device
+        torch.manual_seed(c.train.seed)
+        spec = self.plan.model_spec
+        model = VICReg(c.model, tuple(spec["first_hw"]), tuple(spec["second_hw"]), tuple(spec["channels"])).to(device)
+        self.optimizer = build_optimizer(model, c.optim, fused=device.type == "cuda")
+        if self.plan.resume_from:
+            state = load_checkpoint(Path(self.plan.resume_from))
+            model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            torch.set_rng_state(state["torch_rng"])
+            del state
+        self.model = model
+        self.ddp = (DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+                    if is_distributed() else model)
+        self.lrs = lr_schedule(c.optim, self.steps.global_batch, self.steps.steps_per_epoch, c.train.epochs)
+        self.views = BatchViews(c.data, c.model.mode, c.model.rgb_patch, c.model.ir_patch, c.data.ir_mean,
+                                c.data.ir_std, device)
+        if device.type == "cpu" and self.dist.world_size > 1:
+            # Ranks on one node share its cores; oversubscribed BLAS threads cost more than they give.
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.dist.local_size))
+
+    def write_run_files(self) -> None:
+        if not self.dist.is_main:
+            return
+        from training.config import config_toml
+
+        self.paths.checkpoints.mkdir(parents=True, exist_ok=True)
+        extra = provenance(self.argv, packages=("torch", "torchvision", "timm", "webdataset", "mpi4py"))
+        extra.update(world_size=self.dist.world_size, backend=self.dist.backend or "none", device=str(self.dist.device),
+                     precision=self.precision, started_at_step=self.plan.start_step,
+                     steps_per_epoch=self.steps.steps_per_epoch, total_steps=self.steps.total_steps,
+                     selection_samples=self.plan.selection.num_rows,
+                     selection_sha256=self.plan.schedule["selection_sha256"])
+        extra["versions"] = json.dumps(extra["versions"])
+        tmp = self.paths.config.with_name("config.toml.tmp")
+        tmp.write_text(config_toml(self.config, extra))
+        tmp.replace(self.paths.config)
+        _truncate_jsonl(self.paths.metrics, self.plan.start_step)
+        _truncate_jsonl(self.paths.keys, self.plan.start_step)
+
+    # -- checkpoints --
+    def state(self, step: int) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "step": step,
+            "epoch": step / self.steps.steps_per_epoch,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "schedule": self.plan.schedule,
+            "model_spec": self.plan.model_spec,
+            "config": config_to_dict(self.config),
+            "world_size": self.dist.world_size,
+        }
+
+    def save(self, step: int, epoch_end: int | None = None, final: bool = False) -> None:
+        if not self.dist.is_main:
+            return
+        save_atomic(self.state(step), self.paths.last)
+        kept = epoch_end is not None and (epoch_end % self.config.train.checkpoint_every == 0
+                                          or epoch_end == self.config.train.epochs)
+        if kept:
+            target = self.paths.epoch_checkpoint(epoch_end)
+            tmp = target.with_name(target.name + ".tmp")
+            tmp.unlink(missing_ok=True)
+            os.link(self.paths.last, tmp)  # last.pt is replaced, never rewritten, so a hard link is a snapshot
+            tmp.replace(target)
+        if kept or final:
+            plot_loss(self.paths.metrics, self.paths.loss_png)
+        self.last_save = time.monotonic()
+
+    # -- the loop --
+    def run(self) -> int:
+        c, steps = self.config, self.steps
+        start = self.plan.start_step
+        stop_at = steps.total_steps if not c.train.max_steps else min(steps.total_steps, c.train.max_steps)
+        self.write_run_files()
+        if start >= stop_at:
+            self.log(f"{self.paths.root}: nothing to do (step {start} of {steps.total_steps} already done)")
+            return 0
+        reader = SelectionReader(self.plan.selection, Path(c.data.dataset))
+        batches = PairBatches(reader, steps, self.dist.rank, c.data, c.model.mode, start, stop_at, c.data.ir_mean)
+        self.stop.install()  # before the workers fork, so they inherit it and are not killed mid-batch
+        loader = make_loader(batches, c.data.workers, c.data.prefetch, pin_memory=self.dist.device.type == "cuda")
+        self.log(
+            f"training {c.model.mode}: {self.plan.selection.num_rows} samples, {steps.steps_per_epoch} steps/epoch x "
+            f"{c.train.epochs} epochs, global batch {steps.global_batch} on {self.dist.world_size} rank(s) "
+            f"({self.dist.backend or 'single process'}, {self.dist.device}, {self.precision})"
+            + (f"; resuming at step {start}" if start else "")
+        )
+        self.last_save = time.monotonic()
+        bar = None
+        if self.dist.is_main and self.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=stop_at, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr)
+        window_start, window_wait, window_steps = time.perf_counter(), 0.0, 0
+        iterator = iter(loader)
+        step = start
+        pending = None  # the previous step's health flags, still in flight
+        stop_signal = 0
+        try:
+            while step < stop_at:
+                t0 = time.perf_counter()
+                batch = next(iterator)
+                if batch["step"] != step:
+                    raise RuntimeError(f"loader gave step {batch['step']}, expected {step}")
+                first, second = self.views(batch)
+                wait = time.perf_counter() - t0
+                lr = float(self.lrs[step])
+                loss, terms, h_rgb, h_ir = vicreg_step(self.ddp, self.optimizer, first, second, lr, c.loss, self.autocast)
+                # Read the previous step's flags only now, so the GPU already has this step queued.
+                previous, pending = pending, self._flags(step, loss)
+                if previous is not None:
+                    stop_signal, bad_step = self._settle(previous, stop_signal)
+                    if bad_step is not None:
+                        return self._nonfinite(bad_step)
+                window_wait += wait
+                window_steps += 1
+                if c.run.record_keys:
+                    self._record_keys(step, batch["keys"])
+                if step == start or (step + 1) % c.train.log_every == 0 or step + 1 == stop_at:
+                    elapsed = time.perf_counter() - window_start
+                    rate, wait_share = window_steps * steps.global_batch / elapsed, window_wait / elapsed
+                    self._log_metrics(step, loss, terms, h_rgb, h_ir, lr, rate, wait_share)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{loss.item():.3f}", pairs_s=f"{rate:.0f}", wait=f"{100 * wait_share:.0f}%")
+                    window_start, window_wait, window_steps = time.perf_counter(), 0.0, 0
+                step += 1
+                if bar is not None:
+                    bar.update(1)
+                epoch_end = step % steps.steps_per_epoch == 0
+                due = time.monotonic() - self.last_save > 60 * c.train.checkpoint_minutes
+                if epoch_end or due or stop_signal or step == stop_at:
+                    # Never save weights that a non-finite step has touched: settle this step first.
+                    stop_signal, bad_step = self._settle(pending, stop_signal)
+                    pending = None
+                    if bad_step is not None:
+                        return self._nonfinite(bad_step)
+                    if epoch_end or due or stop_signal:
+                        self.save(step, epoch_end=step // steps.steps_per_epoch if epoch_end else None,
+                                  final=bool(stop_signal) or step == stop_at)
+                if stop_signal:
+                    name = signal.Signals(stop_signal).name
+                    self.warn(f"training: {name} at step {step} of {steps.total_steps}: saved {self.paths.last}; "
+                             "run the same command again to resume")
+                    return EXIT_SIGNAL_BASE + stop_signal
+        finally:
+            if bar is not None:
+                bar.close()
+            # Workers ignore SIGTERM (see make_loader), so they must be told to stop, not left to exit handlers.
+            shutdown = getattr(iterator, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+            self.stop.restore()
+        if step % steps.steps_per_epoch:
+            self.save(step, final=True)
+        if step < steps.total_steps:
+            self.log(f"training: stopped at step {step} of {steps.total_steps} (train.max_steps); saved {self.paths.last}")
+        else:
+            self.log(f"training: done, {steps.total_steps} steps ({c.train.epochs} epochs)")
+        self.log(f"run directory: {self.paths.root}\nloss curve: {self.paths.loss_png}")
+        return 0
+
+    def _flags(self, step: int, loss: torch.Tensor):
+        """(step, [signal, non-finite] reduced over ranks with MAX, in flight)."""
+        flags = torch.stack([torch.tensor(float(self.stop.signum)).to(self.dist.device, non_blocking=True),
+                             (~torch.isfinite(loss.detach())).float()])
+        work = dist.all_reduce(flags, op=dist.ReduceOp.MAX, async_op=True) if is_distributed() else None
+        return step, flags, work
+
+    @staticmethod
+    def _settle(pending, stop_signal: int) -> tuple[int, int | None]:
+        """Wait for a step's flags: (signal seen by any rank, the step if its loss was not finite)."""
+        if pending is None:
+            return stop_signal, None
+        step, flags, work = pending
+        if work is not None:
+            work.wait()
+        signum, nonfinite = flags.tolist()
+        return max(stop_signal, int(signum)), (step if nonfinite else None)
+
+    def _nonfinite(self, step: int) -> int:
+        where = f"{self.paths.last} (step {self._saved_step()})" if self.paths.last.exists() else "none was written"
+        self.warn(f"training: step {step}: the loss is not finite; stopping. The last good checkpoint is kept: {where}")
+        return EXIT_NONFINITE
+
+    def _saved_step(self) -> int:
+        return int(torch.load(self.paths.last, map_location="cpu", weights_only=True, mmap=True)["step"])
+
+    def _record_keys(self, step: int, keys: list[str]) -> None:
+        if is_distributed():
+            gathered: list[list[str]] = [[] for _ in range(self.dist.world_size)]
+            dist.all_gather_object(gathered, keys)
+            keys = [k for part in gathered for k in part]
+        if self.dist.is_main:
+            with open(self.paths.keys, "a") as fh:
+                fh.write(json.dumps({"step": step, "keys": keys}) + "\n")
+
+    def _log_metrics(self, step, loss, terms, h_rgb, h_ir, lr, pairs_per_s, wait_share) -> None:  # noqa: ANN001
+        values = torch.stack([loss.detach().float(), terms["sim"], terms["std"], terms["cov"],
+                              embedding_std(h_rgb), embedding_std(h_ir)]).to(self.dist.device)
+        values = all_mean(values).tolist()
+        if not self.dist.is_main:
+            return
+        c = self.config.loss
+        row = {
+            "step": step, "epoch": step // self.steps.steps_per_epoch, "loss": values[0],
+            "sim": values[1], "std": values[2], "cov": values[3],
+            "sim_weighted": c.sim * values[1], "std_weighted": c.std * values[2], "cov_weighted": c.cov * values[3],
+            "rgb_embedding_std": values[4], "ir_embedding_std": values[5], "lr": lr,
+            "samples_per_s": round(pairs_per_s, 2), "data_wait": round(wait_share, 4), "time": time.time(),
+        }
+        with open(self.paths.metrics, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+
+def vicreg_step(model, optimizer, first: torch.Tensor, second: torch.Tensor, lr: float, loss_config,
+                autocast=contextlib.nullcontext):
+    """One optimisation step on one rank's views: (loss, its terms, both backbones' embeddings)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with autocast():
+        z_rgb, z_ir, h_rgb, h_ir = model(first, second)
+    loss, terms = vicreg_loss(z_rgb, z_ir, loss_config.sim, loss_config.std, loss_config.cov)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss, terms, h_rgb, h_ir
+
+
+def run_training(config: TrainingConfig, new_schedule: bool = False, argv: list[str] | None = None,
+                 progress: bool = True, log=print) -> int:
+    """The whole of `training run` on this rank; returns the exit code. Errors end every rank."""
+    rank, world_size, _, _ = mpi_world()
+    verdict: tuple[str, Any]
+    if rank == 0:
+        try:
+            verdict = ("ok", preflight(config, world_size, new_schedule))
+        except (TrainingError, CheckpointError) as exc:
+            verdict = ("error", str(exc))
+    else:
+        verdict = ("", None)
+    verdict = bcast(verdict) if world_size > 1 else verdict
+    if verdict[0] == "error":
+        if rank == 0:
+            log(f"training run: {verdict[1]}")
+        return 2
+    plan: Plan = verdict[1]
+    try:
+        dist_info = init_distributed(plan.config.train.timeout_s)
+        trainer = Trainer(plan, dist_info, argv, progress)
+        try:
+            trainer.build()
+        except ModelError as exc:
+            if rank == 0:
+                log(f"training run: {exc}")
+            return 2
+        return trainer.run()
+    except BaseException:
+        if world_size > 1:
+            # Whatever happens while reporting (a DataLoader's SIGCHLD handler can raise again), end every rank.
+            try:
+                import traceback
+
+                sys.stderr.write(f"[rank {rank}] training failed:\n{traceback.format_exc()}")
+            finally:
+                abort(1)
+        raise
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            with contextlib.suppress(Exception):
+                dist.destroy_process_group()
+
+
+# Used by tests and benchmarks that build the pieces themselves.
+def dataclass_replace(config: TrainingConfig, **sections: dict[str, Any]) -> TrainingConfig:
+    return dataclasses.replace(config, **{k: dataclasses.replace(getattr(config, k), **v) for k, v in sections.items()})
+
