@@ -5,6 +5,11 @@ BIN    := $(VENV)/bin
 DEMO   := demo
 FRAMES ?= 60
 WORKERS ?= $(shell nproc)
+# Tiny ViTs for a few epochs on 2 ranks: the whole training path (MPI, gloo, loader, checkpoints) in about a minute.
+DEMO_TRAIN ?= --set data.dataset=$(DEMO)/dataset --set run.dir=$(DEMO)/run --set data.ir_size=[48,64] \
+  --set data.workers=1 --set model.rgb_arch=vit_tiny_patch16_224 --set model.ir_arch=vit_tiny_patch16_224 \
+  --set model.depth=2 --set model.expander=[256,256] --set train.batch_size=16 --set train.epochs=20 \
+  --set optim.warmup_epochs=1 --set train.checkpoint_every=5 --set train.log_every=2 --set train.precision=fp32
 
 .PHONY: install demo test test-fast bench clean-demo
 
@@ -29,6 +34,8 @@ demo: install
 	$(BIN)/catalog query $(DEMO)/dataset \
 	  "SELECT vsn, CASE WHEN is_day THEN 'day' WHEN NOT is_day THEN 'night' ELSE 'unknown' END AS daylight, count(*) AS sky_frames FROM samples WHERE is_sky GROUP BY ALL ORDER BY ALL"
 	$(BIN)/catalog select $(DEMO)/dataset --where "is_sky AND is_day" --out $(DEMO)/sky_day.parquet
+	$(BIN)/training init-config > $(DEMO)/train.toml
+	PATH=$(CURDIR)/$(BIN):$$PATH mpiexec -n 2 training run --config $(DEMO)/train.toml $(DEMO_TRAIN)
 
 test: install
 	$(BIN)/python -m pytest -q
@@ -40,6 +47,7 @@ bench: install
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/catalog.py
 	$(BIN)/python bench/selection.py
+	$(BIN)/python bench/train.py
 
 clean-demo:
 	rm -rf $(DEMO)

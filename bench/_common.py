@@ -65,3 +65,22 @@ def median_time(fn, repeats: int = 3) -> float:
         fn()
         times.append(time.perf_counter() - started)
     return sorted(times)[len(times) // 2]
+
+
+def synthetic_dataset(name: str, frames_per_node: int, seed: int, keep_raw: bool = True) -> Path:
+    """OUT/<name>/dataset built by the real pipeline from small synthetic sources (shard members are full size:
+    672x504 JPEG + 336x252 float32, whatever the source scale); reused while it exists."""
+    import shutil
+
+    from ingest.build import build_shards
+    from ingest.config import IngestConfig
+    from ingest.synth import SynthConfig, synthesize
+
+    root = OUT / name
+    if not (root / "dataset" / "catalog").exists():
+        shutil.rmtree(root, ignore_errors=True)
+        synthesize(root / "raw", SynthConfig(nodes=2, frames=frames_per_node, seed=seed, scale=0.1))
+        build_shards(root / "raw", root / "dataset", IngestConfig(), nodes_csv=root / "raw" / "nodes.csv")
+        if not keep_raw:
+            shutil.rmtree(root / "raw")  # about 1 GB of sources that nothing reads again
+    return root / "dataset"

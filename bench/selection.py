@@ -11,7 +11,6 @@ filters keys), and a full read (target >= 1.5x faster than stock webdataset), in
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 from pathlib import Path
 
@@ -19,21 +18,13 @@ import webdataset as wds
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._common import OUT, median_time, record  # noqa: E402
+from bench._common import median_time, record, synthetic_dataset  # noqa: E402
 from catalog.query import Catalog  # noqa: E402
-from ingest.build import build_shards  # noqa: E402
-from ingest.config import IngestConfig  # noqa: E402
-from ingest.synth import SynthConfig, synthesize  # noqa: E402
 from shards.reader import read_selection  # noqa: E402
 
 
 def dataset(frames_per_node: int) -> Path:
-    root = OUT / f"selection-{frames_per_node}"
-    if not (root / "dataset" / "catalog").exists():
-        shutil.rmtree(root, ignore_errors=True)
-        synthesize(root / "raw", SynthConfig(nodes=2, frames=frames_per_node, seed=3, scale=0.1))
-        build_shards(root / "raw", root / "dataset", IngestConfig(), nodes_csv=root / "raw" / "nodes.csv")
-    return root / "dataset"
+    return synthetic_dataset(f"selection-{frames_per_node}", frames_per_node, seed=3)
 
 
 def drain(iterable) -> int:

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 import tomli_w
 
-__all__ = ["ConfigError", "config_from_dict", "load_config", "config_to_dict", "dump_config", "provenance"]
+__all__ = ["ConfigError", "config_from_dict", "read_toml", "load_config", "config_to_dict", "dump_config", "provenance"]
 
 T = TypeVar("T")
 
@@ -82,17 +82,20 @@ def config_from_dict(cls: type[T], values: dict[str, Any], where: str = "config"
         raise ConfigError(f"{where}: {exc}") from exc
 
 
+def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A config file's tables; a missing file or bad TOML is a ConfigError naming the file."""
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+
+
 def load_config(cls: type[T], path: str | os.PathLike[str] | None, overrides: dict[str, Any] | None = None) -> T:
     """Defaults, then the TOML file at ``path`` (if given), then ``overrides`` (keys with None are skipped)."""
-    values: dict[str, Any] = {}
-    if path is not None:
-        try:
-            with open(path, "rb") as fh:
-                values = tomllib.load(fh)
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no such config file") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    values: dict[str, Any] = read_toml(path) if path is not None else {}
     for key, value in (overrides or {}).items():
         if value is not None:
             values[key] = value

@@ -80,6 +80,16 @@ def partition(n: int, slot: int, slots: int, remainder: str = "pad") -> np.ndarr
     raise ValueError(f"remainder must be pad, drop or uneven, got {remainder!r}")
 
 
+def launcher_rank() -> tuple[int, int]:
+    """(rank, world size) from an MPI or Slurm launcher's environment, for a script that runs under `mpiexec`
+    or `srun` without torch.distributed (webdataset only looks at torch.distributed and RANK/WORLD_SIZE)."""
+    for rank_var, size_var in (("PMI_RANK", "PMI_SIZE"), ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),
+                               ("MV2_COMM_WORLD_RANK", "MV2_COMM_WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
+        if rank_var in os.environ and size_var in os.environ:
+            return int(os.environ[rank_var]), int(os.environ[size_var])
+    return 0, 1
+
+
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     """The shuffled order of ``n`` Selection rows in ``epoch``: what every rank and worker agrees on."""
     return np.random.default_rng([seed, epoch]).permutation(n)
@@ -106,6 +116,8 @@ class SelectionReader:
 
     def my_rows(self) -> np.ndarray:
         rank, world, worker, workers = pytorch_worker_info()
+        if world == 1:
+            rank, world = launcher_rank()
         rank = rank if self.rank is None else self.rank
         world = world if self.world_size is None else self.world_size
         slot, slots = rank * workers + worker, world * workers

@@ -29,7 +29,7 @@ from training.config import (
     parse_set,
 )
 from training.loader import BatchViews, PairBatches, StepPlan, make_loader
-from training.model import off_diagonal, vicreg_loss
+from training.model import vicreg_loss
 from training.optim import LARS, build_optimizer, lr_schedule
 from training.train import TrainingError, preflight
 from training.transforms import (
@@ -126,6 +126,12 @@ def test_warmup_as_long_as_the_run_is_refused():
 
 # -- loss and optimiser ------------------------------------------------------------------------------------
 
+def upstream_off_diagonal(x):
+    n, m = x.shape
+    assert n == m
+    return x.flatten()[:-1].view(n - 1, n + 1)[:, 1:].flatten()
+
+
 def upstream_vicreg(x, y, batch_size, num_features, sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0):
     """facebookresearch/vicreg main_vicreg.py VICReg.forward after the projector, single process (verbatim)."""
     repr_loss = F.mse_loss(x, y)
@@ -136,7 +142,8 @@ def upstream_vicreg(x, y, batch_size, num_features, sim_coeff=25.0, std_coeff=25
     std_loss = torch.mean(F.relu(1 - std_x)) / 2 + torch.mean(F.relu(1 - std_y)) / 2
     cov_x = (x.T @ x) / (batch_size - 1)
     cov_y = (y.T @ y) / (batch_size - 1)
-    cov_loss = off_diagonal(cov_x).pow_(2).sum().div(num_features) + off_diagonal(cov_y).pow_(2).sum().div(num_features)
+    cov_loss = upstream_off_diagonal(cov_x).pow_(2).sum().div(num_features) + upstream_off_diagonal(
+        cov_y).pow_(2).sum().div(num_features)
     return sim_coeff * repr_loss + std_coeff * std_loss + cov_coeff * cov_loss
 
 
@@ -432,11 +439,7 @@ def test_sigterm_saves_and_a_rerun_resumes_with_the_uninterrupted_order(tiny_con
     run = tmp_path / "interrupted"
     argv = [sys.executable, "-m", "training", "run", "--config", str(tiny_config), "--quiet", "--set", f"run.dir={run}"]
     process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if (run / "metrics.jsonl").exists() and len((run / "metrics.jsonl").read_text().splitlines()) >= 3:
-            break
-        time.sleep(0.05)
+    _wait_for_rows(run, 3)
     process.send_signal(signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
@@ -475,7 +478,8 @@ def test_a_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_config,
     assert run_cli(tiny_config, "train.max_steps=1").returncode == 0
     before = (run / "checkpoints" / "last.pt").read_bytes()
     # An absurd IR scale overflows float32 inside the IR branch.
-    result = run_cli(tiny_config, "data.ir_std=1e-38", extra=("--new-schedule",))
+    # A save is due after every step, so only the guard keeps the bad step's weights out of last.pt.
+    result = run_cli(tiny_config, "data.ir_std=1e-38", "train.checkpoint_minutes=1e-9", extra=("--new-schedule",))
     assert result.returncode == 3
     assert "not finite" in result.stderr and "last good checkpoint" in result.stderr
     assert (run / "checkpoints" / "last.pt").read_bytes() == before
@@ -484,22 +488,66 @@ def test_a_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_config,
 @pytest.mark.slow
 def test_a_dead_rank_ends_the_run_instead_of_hanging(tiny_config, tmp_path):
     run = tmp_path / "run"
-    argv = [str(MPIEXEC), "-n", "2", sys.executable, "-m", "training", "run", "--config", str(tiny_config), "--quiet",
-            "--set", f"run.dir={run}", "--set", "train.epochs=200", "--set", "train.batch_size=4"]
+    # -disable-auto-cleanup: Hydra must not kill the survivor for us; it has to notice and end by itself.
+    argv = [str(MPIEXEC), "-disable-auto-cleanup", "-n", "2", sys.executable, "-m", "training", "run", "--config",
+            str(tiny_config), "--quiet", "--set", f"run.dir={run}", "--set", "train.epochs=200", "--set",
+            "train.batch_size=4", "--set", "train.timeout_s=30"]
     process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not ((run / "metrics.jsonl").exists()
-                                              and len((run / "metrics.jsonl").read_text().splitlines()) >= 2):
-        time.sleep(0.1)
-    ranks = subprocess.run(["pgrep", "-f", f"run.dir={run}"], capture_output=True, text=True).stdout.split()
-    ranks = [int(pid) for pid in ranks if not _parent_name(int(pid)).startswith("python")]  # not DataLoader workers
-    python_ranks = [pid for pid in ranks if "python" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()]
-    assert len(python_ranks) == 2, ranks
+    _wait_for_rows(run, 2)
     killed_at = time.monotonic()
-    os.kill(max(python_ranks), signal.SIGKILL)
+    os.kill(max(_rank_pids(run)), signal.SIGKILL)
     process.communicate(timeout=90)
     assert process.returncode != 0
     assert time.monotonic() - killed_at < 60
+
+
+def _rank_pids(run: Path) -> list[int]:
+    """The training processes of the ranks (not mpiexec, not their DataLoader workers)."""
+    pids = [int(p) for p in subprocess.run(["pgrep", "-f", f"run.dir={run}"], capture_output=True,
+                                           text=True).stdout.split()]
+    ranks = [p for p in pids if not _parent_name(p).startswith("python")
+             and "python" in Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")[0].decode()]
+    assert len(ranks) == 2, pids
+    return ranks
+
+
+def _wait_for_rows(run: Path, rows: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        path = run / "metrics.jsonl"
+        if path.exists() and len(path.read_text().splitlines()) >= rows:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{run}: fewer than {rows} metrics rows after {timeout} s")
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_rank_stops_both_at_the_same_step(tiny_config, tmp_path):
+    run = tmp_path / "run"
+    argv = [str(MPIEXEC), "-n", "2", sys.executable, "-m", "training", "run", "--config", str(tiny_config), "--quiet",
+            "--set", f"run.dir={run}", "--set", "train.epochs=200", "--set", "train.batch_size=4"]
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    _wait_for_rows(run, 3)
+    os.kill(max(_rank_pids(run)), signal.SIGTERM)  # rank 1 only: the flag is reduced over the ranks
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert f"SIGTERM at step {state['step']} " in stderr
+    assert state["step"] > 0 and state["step"] == max(r["step"] for r in metrics(run)) + 1
+
+
+@pytest.mark.slow
+def test_resume_on_another_number_of_ranks_continues_the_same_run(tiny_config, tmp_path):
+    straight = run_cli(tiny_config, f"run.dir={tmp_path / 'straight'}", "train.max_steps=4")
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    run = tmp_path / "elastic"
+    first = run_cli(tiny_config, f"run.dir={run}", "train.max_steps=2")
+    assert first.returncode == 0, first.stderr[-2000:]
+    second = run_cli(tiny_config, f"run.dir={run}", "train.max_steps=4", "train.batch_size=4", ranks=2)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert keys_by_step(run) == keys_by_step(tmp_path / "straight")
+    losses = {r["step"]: r["loss"] for r in metrics(run)}
+    assert losses == pytest.approx({r["step"]: r["loss"] for r in metrics(tmp_path / "straight")}, rel=1e-4)
 
 
 def _parent_name(pid: int) -> str:

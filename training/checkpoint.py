@@ -13,13 +13,22 @@ from typing import Any
 import torch
 
 __all__ = ["CheckpointError", "save_atomic", "load_checkpoint", "schedule_differences", "model_differences",
-           "SCHEDULE_KEYS", "MODEL_KEYS"]
+           "config_differences", "SCHEDULE_KEYS", "MODEL_KEYS", "OPERATIONAL_KEYS"]
 
-# What decides each step's learning rate and samples: changing any of these bends a running schedule.
-SCHEDULE_KEYS = ("epochs", "global_batch", "base_lr", "warmup_epochs", "final_lr_ratio", "optimizer", "seed",
-                 "n_samples", "selection_sha256")
+# Derived from the config and the selection: the rest of what a schedule is, the config keys themselves, is
+# compared by config_differences. base_lr is the resolved one (an unset optim.base_lr depends on the optimiser).
+SCHEDULE_KEYS = ("global_batch", "base_lr", "n_samples", "selection_sha256")
 # What decides the weights' shapes and meaning: a checkpoint cannot continue under a different one.
 MODEL_KEYS = ("mode", "rgb_arch", "ir_arch", "rgb_patch", "ir_patch", "depth", "expander", "first_hw", "second_hw")
+
+
+# Config keys that change how a run executes, not what it computes: free to differ on resume. (The dataset path
+# may move; the selection's fingerprint in the schedule says whether it still holds the same samples. The
+# learning rate is compared resolved, and the per-rank batch as the global batch, in SCHEDULE_KEYS: a run may
+# resume on another number of ranks with the same global batch.)
+OPERATIONAL_KEYS = ("optim.base_lr", "train.batch_size", "data.dataset", "data.workers", "data.prefetch", "data.decode", "train.max_steps",
+                    "train.timeout_s", "train.log_every", "train.checkpoint_every", "train.checkpoint_minutes",
+                    "train.precision", "run.dir", "run.record_keys")
 
 
 class CheckpointError(RuntimeError):
@@ -68,3 +77,21 @@ def schedule_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 def model_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return _differences(old, new, MODEL_KEYS)
+
+
+def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Every changed key of two resolved configs that changes what training computes (data, model, loss, optim)."""
+    a, b = _flatten(old), _flatten(new)
+    keys = sorted((set(a) | set(b)) - set(OPERATIONAL_KEYS))
+    return _differences(a, b, tuple(keys))

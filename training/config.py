@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import tomllib
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
 import tomli_w
 
-from catalog.runinfo import ConfigError, config_from_dict, config_to_dict
+from catalog.runinfo import ConfigError, config_from_dict, config_to_dict, read_toml
 
 __all__ = [
     "DataConfig",
@@ -121,7 +122,7 @@ class LossConfig:
 @dataclass(frozen=True)
 class OptimConfig:
     name: str = _f("lars", "'lars' (upstream VICReg) or 'adamw'")
-    base_lr: float = _f(0.2, "learning rate per 256 pairs of global batch (lr = base_lr x global_batch / 256)")
+    base_lr: float | None = _f(None, "learning rate per 256 pairs of global batch (lr = base_lr x global_batch / 256); unset: 0.2 for LARS (upstream VICReg), 5e-4 for AdamW")
     weight_decay: float = _f(1e-6, "weight decay (biases and norms excluded)")
     warmup_epochs: float = _f(10.0, "linear warm-up length in epochs; must be shorter than train.epochs")
     final_lr_ratio: float = _f(0.001, "the cosine decays to this fraction of the peak learning rate")
@@ -132,10 +133,16 @@ class OptimConfig:
     def __post_init__(self) -> None:
         if self.name not in ("lars", "adamw"):
             raise ValueError(f"optim.name must be 'lars' or 'adamw', got {self.name!r}")
-        if self.base_lr <= 0 or self.weight_decay < 0 or self.warmup_epochs < 0:
+        if (self.base_lr is not None and self.base_lr <= 0) or self.weight_decay < 0 or self.warmup_epochs < 0:
             raise ValueError("optim.base_lr must be > 0, optim.weight_decay and optim.warmup_epochs >= 0")
         if not 0 <= self.final_lr_ratio <= 1:
             raise ValueError(f"optim.final_lr_ratio must be in [0, 1], got {self.final_lr_ratio}")
+
+    @property
+    def lr_per_256(self) -> float:
+        if self.base_lr is not None:
+            return self.base_lr
+        return 0.2 if self.name == "lars" else 5e-4
 
 
 @dataclass(frozen=True)
@@ -157,6 +164,8 @@ class TrainLoopConfig:
             raise ValueError("train.checkpoint_every and train.log_every must be >= 1, train.checkpoint_minutes > 0")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"train.precision must be 'auto', 'bf16' or 'fp32', got {self.precision!r}")
+        if self.seed < 0:
+            raise ValueError(f"train.seed must be >= 0, got {self.seed}")
         if self.max_steps < 0 or self.timeout_s <= 0:
             raise ValueError("train.max_steps must be >= 0 and train.timeout_s > 0")
 
@@ -202,10 +211,21 @@ def parse_set(item: str) -> tuple[list[str], Any]:
     return path, value
 
 
+def _is_text_field(path: list[str]) -> bool:
+    """Whether section.key is a string in the config, so ``--set data.where=true`` stays the text 'true'."""
+    section = _SECTIONS.get(path[0])
+    if section is None or len(path) != 2:
+        return False
+    hints = typing.get_type_hints(section)
+    return hints.get(path[1]) is str
+
+
 def apply_sets(values: dict[str, Any], items: list[str]) -> dict[str, Any]:
     out = {k: dict(v) if isinstance(v, dict) else v for k, v in values.items()}
     for item in items:
         path, value = parse_set(item)
+        if _is_text_field(path) and not isinstance(value, str):
+            value = item.partition("=")[2].strip()
         table = out
         for part in path[:-1]:
             table = table.setdefault(part, {})
@@ -217,15 +237,7 @@ def apply_sets(values: dict[str, Any], items: list[str]) -> dict[str, Any]:
 
 def load_training_config(path: str | None, sets: list[str] | None = None) -> TrainingConfig:
     """Defaults, then the TOML file, then ``--set`` items; a ``[provenance]`` table (from a run's config) is ignored."""
-    values: dict[str, Any] = {}
-    if path is not None:
-        try:
-            with open(path, "rb") as fh:
-                values = tomllib.load(fh)
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no such config file") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    values: dict[str, Any] = read_toml(path) if path is not None else {}
     values.pop("provenance", None)
     values = apply_sets(values, sets or [])
     return config_from_dict(TrainingConfig, values, where=str(path) if path else "config")

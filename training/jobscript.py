@@ -278,7 +278,7 @@ def _parameters(r: _Resolved) -> list[str]:
         lines += [
             f"WALLTIME_S={r.walltime_s}  # keep in step with '#PBS -l walltime' above",
             f'STOP_MARGIN_S="${{SAGEPAIRS_STOP_MARGIN:-{stop_margin_s(r.walltime_s)}}}"',
-            f'JOBSCRIPT="${{SAGEPAIRS_JOBSCRIPT:-}}"' if r.script_path is None
+            'JOBSCRIPT="${SAGEPAIRS_JOBSCRIPT:-}"' if r.script_path is None
             else f'JOBSCRIPT="${{SAGEPAIRS_JOBSCRIPT:-{_dq(r.script_path)}}}"',
         ]
     return lines

@@ -15,6 +15,7 @@ import functools
 import hashlib
 import io
 import signal
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -159,7 +160,10 @@ class PairBatches(IterableDataset):
             sizes = np.fromiter((len(j) for j in jpegs), dtype=np.int64, count=n)
             offsets = np.zeros(n + 1, dtype=np.int64)
             np.cumsum(sizes, out=offsets[1:])
-            batch["jpeg"] = torch.from_numpy(np.frombuffer(b"".join(jpegs), dtype=np.uint8).copy())
+            packed = torch.empty(int(offsets[-1]), dtype=torch.uint8)
+            for i, jpeg in enumerate(jpegs):
+                packed[offsets[i] : offsets[i + 1]] = torch.frombuffer(jpeg, dtype=torch.uint8)
+            batch["jpeg"] = packed
             batch["jpeg_offsets"] = torch.from_numpy(offsets)
             batch["boxes"] = torch.from_numpy(boxes)
             batch["flip"] = torch.from_numpy(flips)
@@ -238,19 +242,33 @@ def decode_crop_on_device(batch: dict, out_hw: tuple[int, int], device: torch.de
 
     data, offsets = batch["jpeg"], batch["jpeg_offsets"].tolist()
     encoded = [data[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)]
-    decoded = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
-    out = torch.empty((len(decoded), 3, *out_hw), dtype=dtype, device=device)
-    boxes = batch["boxes"].to(device)
+    if device.type == "cuda":
+        # nvJPEG's hardware decoder may be handed memory that kernels still queued on this stream read
+        # (pytorch/vision#9606); the decode waits on the host anyway, so waiting first costs nothing.
+        torch.cuda.current_stream(device).synchronize()
+    with warnings.catch_warnings():
+        # torchvision 0.29 announces a move of its codecs to TorchCodec; decode_jpeg is still the nvJPEG path.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        decoded = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+    boxes = batch["boxes"]
     by_size: dict[tuple[int, int], list[int]] = {}
     for i, image in enumerate(decoded):
         by_size.setdefault(tuple(image.shape[-2:]), []).append(i)
+    parts = []
     for (height, width), index in by_size.items():
-        images = torch.stack([decoded[i] for i in index]).to(dtype)
-        scale = torch.tensor([width, height, width, height], dtype=torch.float32, device=device)
-        rois = torch.cat([torch.arange(len(index), device=device, dtype=torch.float32).unsqueeze(1),
-                          boxes[index] * scale], dim=1).to(dtype)
-        out[index] = roi_align(images, rois, output_size=out_hw, spatial_scale=1.0, sampling_ratio=2, aligned=True)
-    flip = batch["flip"].to(device)
+        # float32, not half: RoI coordinates above 512 px need more than fp16's precision.
+        images = torch.stack([decoded[i] for i in index]).float()
+        rois = torch.cat([torch.arange(len(index), dtype=torch.float32).unsqueeze(1),
+                          boxes[index] * torch.tensor([width, height, width, height], dtype=torch.float32)], dim=1)
+        crops = roi_align(images, rois.to(device, non_blocking=True), output_size=out_hw, spatial_scale=1.0,
+                          sampling_ratio=2, aligned=True)
+        parts.append((index, crops))
+    if len(parts) == 1:  # the usual case: every frame of a dataset has the same size
+        out = parts[0][1]
+    else:
+        out = torch.empty((len(decoded), 3, *out_hw), dtype=torch.float32, device=device)
+        for index, crops in parts:
+            out[torch.tensor(index, device=device)] = crops
+    flip = batch["flip"].to(device, non_blocking=True)
     out = torch.where(flip.view(-1, 1, 1, 1), out.flip(-1), out)
     return out.float().div_(255.0)

@@ -28,10 +28,12 @@ class LARS(torch.optim.Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            updates = [p.grad.clone() for p in params]
-            if not group["lars_exclude"]:
-                if group["weight_decay"]:
-                    torch._foreach_add_(updates, params, alpha=group["weight_decay"])
+            grads = [p.grad for p in params]
+            if group["lars_exclude"]:
+                updates = grads
+            else:
+                updates = (torch._foreach_add(grads, params, alpha=group["weight_decay"]) if group["weight_decay"]
+                           else [g.clone() for g in grads])
                 param_norms = torch.stack(torch._foreach_norm(params))
                 update_norms = torch.stack(torch._foreach_norm(updates))
                 one = torch.ones_like(param_norms)
@@ -49,10 +51,22 @@ class LARS(torch.optim.Optimizer):
             torch._foreach_add_(params, momenta, alpha=-group["lr"])
 
 
+def _excluded_names(model: nn.Module) -> set[str]:
+    """Parameters a module asks to keep free of weight decay (timm ViTs: cls_token, pos_embed)."""
+    names = set()
+    for prefix, module in model.named_modules():
+        if hasattr(module, "no_weight_decay") and callable(module.no_weight_decay):
+            names |= {f"{prefix}.{name}" if prefix else name for name in module.no_weight_decay()}
+    return names
+
+
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    # Biases and norm weights (1-D) are excluded from weight decay and LARS adaptation, as upstream.
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    plain = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    # Biases and norm weights (1-D) are excluded from weight decay and LARS adaptation, as upstream; so are the
+    # ViT's tokens and position embedding: LARS would cap a 1e-6-initialised cls_token's steps at about eta x 1e-6.
+    excluded = _excluded_names(model)
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    decay = [p for name, p in named if p.ndim > 1 and name not in excluded]
+    plain = [p for name, p in named if p.ndim <= 1 or name in excluded]
     return [{"params": decay, "weight_decay": weight_decay, "lars_exclude": False},
             {"params": plain, "weight_decay": 0.0, "lars_exclude": True}]
 
@@ -67,7 +81,7 @@ def build_optimizer(model: nn.Module, optim: OptimConfig, fused: bool = False) -
 
 
 def peak_lr(optim: OptimConfig, global_batch: int) -> float:
-    return optim.base_lr * global_batch / 256
+    return optim.lr_per_256 * global_batch / 256
 
 
 def lr_schedule(optim: OptimConfig, global_batch: int, steps_per_epoch: int, epochs: int) -> np.ndarray:

@@ -5,22 +5,28 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-__all__ = ["read_metrics", "plot_loss"]
+__all__ = ["read_jsonl", "read_metrics", "plot_loss"]
 
 
-def read_metrics(path: Path) -> list[dict]:
+def read_jsonl(path: Path) -> list[dict]:
+    """Rows of a JSON-lines file; a torn last line (a process killed mid-write) is skipped, not fatal."""
     if not path.exists():
         return []
     rows = []
     for line in path.read_text().splitlines():
-        if line.strip():
+        try:
             rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
     return rows
+
+
+read_metrics = read_jsonl
 
 
 def plot_loss(metrics: Path, out: Path) -> Path | None:
     """Loss and its three weighted terms against the step, the learning rate beside; None if nothing was logged."""
-    rows = read_metrics(metrics)
+    rows = [r for r in read_jsonl(metrics) if r.get("loss") is not None]
     if not rows:
         return None
     import matplotlib

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -29,6 +30,7 @@ from catalog.runinfo import config_to_dict, provenance
 from shards.reader import SelectionReader
 from training.checkpoint import (
     CheckpointError,
+    config_differences,
     load_checkpoint,
     model_differences,
     save_atomic,
@@ -39,7 +41,7 @@ from training.distributed import Dist, abort, all_mean, bcast, init_distributed,
 from training.loader import BatchViews, PairBatches, StepPlan, make_loader, selection_fingerprint
 from training.model import ModelError, VICReg, check_arch, embedding_std, vicreg_loss
 from training.optim import build_optimizer, lr_schedule
-from training.plots import plot_loss
+from training.plots import plot_loss, read_jsonl
 from training.transforms import tiled_size
 
 __all__ = ["TrainingError", "RunPaths", "Plan", "preflight", "run_training", "vicreg_step", "dataclass_replace", "EXIT_SIGNAL_BASE"]
@@ -125,7 +127,7 @@ def model_spec(config: TrainingConfig) -> dict[str, Any]:
 def _schedule(config: TrainingConfig, world_size: int, selection: pa.Table) -> dict[str, Any]:
     o, t = config.optim, config.train
     return {
-        "epochs": t.epochs, "global_batch": t.batch_size * world_size, "base_lr": o.base_lr,
+        "epochs": t.epochs, "global_batch": t.batch_size * world_size, "base_lr": o.lr_per_256,
         "warmup_epochs": o.warmup_epochs, "final_lr_ratio": o.final_lr_ratio, "optimizer": o.name, "seed": t.seed,
         "n_samples": selection.num_rows, "selection_sha256": selection_fingerprint(selection),
         "ir_mean": config.data.ir_mean, "ir_std": config.data.ir_std,
@@ -148,6 +150,8 @@ def _ir_statistics(cat, where: str) -> tuple[float, float]:
         "AND ir_mean IS NOT NULL AND NOT isnan(ir_mean)"
     )
     mean, second = table.column("m")[0].as_py(), table.column("m2")[0].as_py()
+    if mean is None or second is None:
+        raise TrainingError("the selection has no IR statistics in the catalog; set data.ir_mean and data.ir_std")
     std = math.sqrt(max(second - mean * mean, 0.0))
     return float(mean), float(max(std, 1e-3))
 
@@ -191,8 +195,9 @@ def preflight(config: TrainingConfig, world_size: int, new_schedule: bool = Fals
             checkpoint = torch.load(paths.last, map_location="cpu", weights_only=True, mmap=True)
         except Exception as exc:  # noqa: BLE001
             raise TrainingError(f"{paths.last}: cannot be read ({type(exc).__name__}); move it away to start afresh") from None
-        if checkpoint.get("format") != FORMAT:
-            raise TrainingError(f"{paths.last}: not a sagepairs training checkpoint")
+        if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT or not all(
+                key in checkpoint for key in ("step", "config", "schedule", "model_spec", "model", "optimizer")):
+            raise TrainingError(f"{paths.last}: not a complete sagepairs training checkpoint; move it away to start afresh")
         resume_from, start_step = str(paths.last), int(checkpoint["step"])
         saved = checkpoint["config"]["data"]
         if d.ir_mean is None and d.ir_std is None:
@@ -211,8 +216,8 @@ def preflight(config: TrainingConfig, world_size: int, new_schedule: bool = Fals
                 f"{paths.last} was trained with a different model ({'; '.join(changed_model)}); use another run.dir"
             )
         changed = schedule_differences(checkpoint["schedule"], schedule)
-        changed += [f"{k} {checkpoint['schedule'].get(k)} -> {schedule[k]}" for k in ("ir_mean", "ir_std")
-                    if checkpoint["schedule"].get(k) != schedule[k]]
+        changed += config_differences(checkpoint["config"], config_to_dict(config))
+        changed = list(dict.fromkeys(changed))
         if changed and not new_schedule:
             raise TrainingError(
                 f"{paths.last} (step {start_step}) has another schedule: {'; '.join(changed)}. Restore the config, "
@@ -265,7 +270,7 @@ def _truncate_jsonl(path: Path, start_step: int) -> None:
     """Drop rows a killed run logged after its last checkpoint: they are about to be run again."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] < start_step]
+    kept = [json.dumps(row) for row in read_jsonl(path) if row.get("step", start_step) < start_step]
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     tmp.replace(path)
@@ -299,7 +304,6 @@ class Trainer:
             state = load_checkpoint(Path(self.plan.resume_from))
             model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
-            torch.set_rng_state(state["torch_rng"])
             del state
         self.model = model
         self.ddp = (DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
@@ -338,7 +342,6 @@ class Trainer:
             "epoch": step / self.steps.steps_per_epoch,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "torch_rng": torch.get_rng_state(),
             "schedule": self.plan.schedule,
             "model_spec": self.plan.model_spec,
             "config": config_to_dict(self.config),
@@ -346,6 +349,7 @@ class Trainer:
         }
 
     def save(self, step: int, epoch_end: int | None = None, final: bool = False) -> None:
+        self.last_save = time.monotonic()  # every rank: the time-based decision must stay the same everywhere
         if not self.dist.is_main:
             return
         save_atomic(self.state(step), self.paths.last)
@@ -355,11 +359,13 @@ class Trainer:
             target = self.paths.epoch_checkpoint(epoch_end)
             tmp = target.with_name(target.name + ".tmp")
             tmp.unlink(missing_ok=True)
-            os.link(self.paths.last, tmp)  # last.pt is replaced, never rewritten, so a hard link is a snapshot
+            try:
+                os.link(self.paths.last, tmp)  # last.pt is replaced, never rewritten, so a hard link is a snapshot
+            except OSError:  # a file system without hard links
+                shutil.copyfile(self.paths.last, tmp)
             tmp.replace(target)
         if kept or final:
             plot_loss(self.paths.metrics, self.paths.loss_png)
-        self.last_save = time.monotonic()
 
     # -- the loop --
     def run(self) -> int:
@@ -397,9 +403,13 @@ class Trainer:
                 batch = next(iterator)
                 if batch["step"] != step:
                     raise RuntimeError(f"loader gave step {batch['step']}, expected {step}")
+                wait = time.perf_counter() - t0  # the loader; the device-side views below are compute,
                 first, second = self.views(batch)
-                wait = time.perf_counter() - t0
+                if "jpeg" in batch:  # except the nvJPEG decode, which is data preparation
+                    wait = time.perf_counter() - t0
                 lr = float(self.lrs[step])
+                # Model randomness (drop path) from (seed, step, rank): a resumed step draws what it would have.
+                torch.manual_seed((c.train.seed * 1_000_003 + step) * 4099 + self.dist.rank)
                 loss, terms, h_rgb, h_ir = vicreg_step(self.ddp, self.optimizer, first, second, lr, c.loss, self.autocast)
                 # Read the previous step's flags only now, so the GPU already has this step queued.
                 previous, pending = pending, self._flags(step, loss)
@@ -503,6 +513,7 @@ class Trainer:
             "rgb_embedding_std": values[4], "ir_embedding_std": values[5], "lr": lr,
             "samples_per_s": round(pairs_per_s, 2), "data_wait": round(wait_share, 4), "time": time.time(),
         }
+        row = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}  # JSON has no NaN
         with open(self.paths.metrics, "a") as fh:
             fh.write(json.dumps(row) + "\n")
 
@@ -531,6 +542,13 @@ def run_training(config: TrainingConfig, new_schedule: bool = False, argv: list[
             verdict = ("ok", preflight(config, world_size, new_schedule))
         except (TrainingError, CheckpointError) as exc:
             verdict = ("error", str(exc))
+        except Exception as exc:  # noqa: BLE001 - the other ranks wait for a verdict: they must get one
+            if world_size == 1:
+                raise
+            import traceback
+
+            traceback.print_exc()
+            verdict = ("error", f"{type(exc).__name__}: {_first_line(str(exc))}")
     else:
         verdict = ("", None)
     verdict = bcast(verdict) if world_size > 1 else verdict

@@ -11,6 +11,7 @@ CPU side (in DataLoader workers, numpy/Pillow, uint8 where it can be): ``draw_au
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import math
@@ -119,7 +120,7 @@ def decode_rgb_crop(jpeg: bytes, box: tuple[float, float, float, float], out_hw:
         pixels = image.convert("RGB") if image.mode != "RGB" else image
         px_box = (x0 * width * sx, y0 * height * sy, x1 * width * sx, y1 * height * sy)
         out = np.asarray(pixels.resize((out_w, out_h), Image.Resampling.BILINEAR, box=px_box, reducing_gap=None))
-    return np.ascontiguousarray(out[:, ::-1]) if flip else out
+    return out[:, ::-1] if flip else out  # a view: the caller copies it once, into the batch
 
 
 def crop_ir(
@@ -153,11 +154,17 @@ def crop_ir(
         mean = out.mean(dtype=np.float64)
         out = (out - mean) * gain + mean + offset_c
     if noise_c > 0:
-        out = out + np.random.default_rng(noise_seed).normal(0.0, noise_c, out.shape)
+        out = out + np.random.default_rng(noise_seed).standard_normal(out.shape, dtype=np.float32) * np.float32(noise_c)
     return np.ascontiguousarray(out, dtype=np.float32)
 
 
 # -- device side (torch; runs wherever the batch is) ---------------------------------------------------
+
+@functools.lru_cache(maxsize=32)
+def _constant(values: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    # Made once per device: building a CUDA tensor from a Python list every step makes the host wait for the GPU.
+    return torch.tensor(values, dtype=dtype).view(1, len(values), 1, 1).to(device)
+
 
 def rgb_to_float(rgb_uint8_nhwc: torch.Tensor) -> torch.Tensor:
     """uint8 N x H x W x 3 -> float N x 3 x H x W in [0, 1]."""
@@ -166,8 +173,7 @@ def rgb_to_float(rgb_uint8_nhwc: torch.Tensor) -> torch.Tensor:
 
 def luma(rgb: torch.Tensor) -> torch.Tensor:
     """N x 3 x H x W in [0, 1] -> N x 1 x H x W."""
-    weights = torch.tensor(LUMA, dtype=rgb.dtype, device=rgb.device).view(1, 3, 1, 1)
-    return (rgb * weights).sum(1, keepdim=True)
+    return (rgb * _constant(LUMA, rgb.dtype, rgb.device)).sum(1, keepdim=True)
 
 
 def jitter_rgb(rgb: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
@@ -178,9 +184,7 @@ def jitter_rgb(rgb: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
     out = (out - mean) * contrast + mean
     grey = luma(out)
     out = ((out - grey) * saturation + grey).clamp_(0, 1)
-    mean_t = torch.tensor(RGB_MEAN, dtype=rgb.dtype, device=rgb.device).view(1, 3, 1, 1)
-    std_t = torch.tensor(RGB_STD, dtype=rgb.dtype, device=rgb.device).view(1, 3, 1, 1)
-    return (out - mean_t) / std_t
+    return (out - _constant(RGB_MEAN, rgb.dtype, rgb.device)) / _constant(RGB_STD, rgb.dtype, rgb.device)
 
 
 def jitter_grey(grey: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
