@@ -160,10 +160,10 @@ class PairBatches(IterableDataset):
             sizes = np.fromiter((len(j) for j in jpegs), dtype=np.int64, count=n)
             offsets = np.zeros(n + 1, dtype=np.int64)
             np.cumsum(sizes, out=offsets[1:])
-            packed = torch.empty(int(offsets[-1]), dtype=torch.uint8)
+            packed = np.empty(int(offsets[-1]), dtype=np.uint8)
             for i, jpeg in enumerate(jpegs):
-                packed[offsets[i] : offsets[i + 1]] = torch.frombuffer(jpeg, dtype=torch.uint8)
-            batch["jpeg"] = packed
+                packed[offsets[i] : offsets[i + 1]] = np.frombuffer(jpeg, dtype=np.uint8)
+            batch["jpeg"] = torch.from_numpy(packed)
             batch["jpeg_offsets"] = torch.from_numpy(offsets)
             batch["boxes"] = torch.from_numpy(boxes)
             batch["flip"] = torch.from_numpy(flips)

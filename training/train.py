@@ -248,7 +248,11 @@ class StopFlag:
             self._previous[signum] = signal.signal(signum, self._handle)
 
     def _handle(self, signum, frame) -> None:  # noqa: ANN001
-        self.signum = signum
+        self.signum = max(self.signum, signum)
+        if signum == signal.SIGINT:
+            # A second Ctrl-C acts at once. A repeated SIGTERM does not: a batch system and a launcher may both
+            # send one, and the checkpoint must still be written.
+            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
 
     def restore(self) -> None:
         for signum, handler in self._previous.items():
