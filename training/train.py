@@ -16,6 +16,7 @@ import shutil
 import signal
 import sys
 import time
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -332,6 +333,11 @@ class Trainer:
                      selection_samples=self.plan.selection.num_rows,
                      selection_sha256=self.plan.schedule["selection_sha256"])
         extra["versions"] = json.dumps(extra["versions"])
+        if self.paths.config.exists() and self.plan.start_step > 0:
+            # A resumed leg may run other code or on other ranks: keep the previous leg's record beside it.
+            with contextlib.suppress(OSError, tomllib.TOMLDecodeError, KeyError, TypeError):
+                previous = tomllib.loads(self.paths.config.read_text())["provenance"]["started_at_step"]
+                self.paths.config.replace(self.paths.root / f"config.from-step-{int(previous):06d}.toml")
         tmp = self.paths.config.with_name("config.toml.tmp")
         tmp.write_text(config_toml(self.config, extra))
         tmp.replace(self.paths.config)
