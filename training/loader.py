@@ -123,12 +123,15 @@ class PairBatches(IterableDataset):
         rgb_hw, ir_hw = data.rgb_size, data.ir_size
         n = len(rows)
         keys: list[str] = []
-        rgb = np.empty((n, *rgb_hw, 3), dtype=np.uint8) if data.decode == "cpu" else None
+        rgb_tensor = _batch_buffer((n, *rgb_hw, 3), torch.uint8) if data.decode == "cpu" else None
+        rgb = rgb_tensor.numpy() if rgb_tensor is not None else None
         jpegs: list[bytes] = []
         boxes = np.empty((n, 4), dtype=np.float32)
         flips = np.empty(n, dtype=bool)
         need_ir = self.mode != "rgb-grey"
-        ir = np.zeros((n, *ir_hw), dtype=np.float32)
+        ir_tensor = _batch_buffer((n, *ir_hw), torch.float32)
+        ir = ir_tensor.numpy()
+        ir.fill(0)
         rgb_jitter = np.empty((n, 3), dtype=np.float32)
         grey_jitter = np.empty((n, 2), dtype=np.float32)
         for i, sample in enumerate(self.reader.iter_rows(rows)):
@@ -149,12 +152,12 @@ class PairBatches(IterableDataset):
             "step": step,
             "epoch": epoch,
             "keys": keys,
-            "ir": torch.from_numpy(ir),
+            "ir": ir_tensor,
             "rgb_jitter": torch.from_numpy(rgb_jitter),
             "grey_jitter": torch.from_numpy(grey_jitter),
         }
-        if rgb is not None:
-            batch["rgb"] = torch.from_numpy(rgb)
+        if rgb_tensor is not None:
+            batch["rgb"] = rgb_tensor
         else:
             # One tensor for the whole batch: one shared-memory block instead of N small ones.
             sizes = np.fromiter((len(j) for j in jpegs), dtype=np.int64, count=n)
@@ -168,6 +171,15 @@ class PairBatches(IterableDataset):
             batch["boxes"] = torch.from_numpy(boxes)
             batch["flip"] = torch.from_numpy(flips)
         return batch
+
+
+def _batch_buffer(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An empty tensor, in shared memory inside a DataLoader worker (as default_collate allocates its output),
+    so handing the batch to the training process copies nothing."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(int(np.prod(shape)))
+    return torch.empty(0, dtype=dtype).new(storage).view(shape)
 
 
 def _worker_ignores_stop_signals(worker_id: int) -> None:
