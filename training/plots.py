@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-__all__ = ["read_jsonl", "read_metrics", "plot_loss"]
+__all__ = ["read_jsonl", "plot_loss"]
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -20,8 +20,6 @@ def read_jsonl(path: Path) -> list[dict]:
             continue
     return rows
 
-
-read_metrics = read_jsonl
 
 
 def plot_loss(metrics: Path, out: Path) -> Path | None:

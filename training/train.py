@@ -8,7 +8,6 @@ model from the same seed, reads its share of each global step, and steps; rank 0
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import os
@@ -45,7 +44,7 @@ from training.optim import build_optimizer, lr_schedule
 from training.plots import plot_loss, read_jsonl
 from training.transforms import tiled_size
 
-__all__ = ["TrainingError", "RunPaths", "Plan", "preflight", "run_training", "vicreg_step", "dataclass_replace", "EXIT_SIGNAL_BASE"]
+__all__ = ["TrainingError", "RunPaths", "Plan", "preflight", "run_training", "vicreg_step", "EXIT_SIGNAL_BASE"]
 
 FORMAT = "sagepairs-vicreg-1"
 EXIT_SIGNAL_BASE = 128  # SIGTERM -> 143, SIGINT -> 130, as a shell reports a signalled process
@@ -591,9 +590,3 @@ def run_training(config: TrainingConfig, new_schedule: bool = False, argv: list[
         if dist.is_available() and dist.is_initialized():
             with contextlib.suppress(Exception):
                 dist.destroy_process_group()
-
-
-# Used by tests and benchmarks that build the pieces themselves.
-def dataclass_replace(config: TrainingConfig, **sections: dict[str, Any]) -> TrainingConfig:
-    return dataclasses.replace(config, **{k: dataclasses.replace(getattr(config, k), **v) for k, v in sections.items()})
-
