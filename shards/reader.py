@@ -16,7 +16,7 @@ from __future__ import annotations
 import mmap
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -108,6 +108,8 @@ class SelectionReader:
     seed: int = 0
     epoch: int = 0
     scan_fraction: float = 0.5  # read a shard whole when at least this fraction of its bytes is wanted
+    # The table's columns as numpy, made once per process (a DataLoader worker converts them once, not per batch).
+    _column_cache: dict[str, np.ndarray] | None = field(default=None, init=False, repr=False, compare=False)
 
     def order(self) -> np.ndarray:
         """The global sample order: a function of (seed, epoch, selection) only."""
@@ -134,8 +136,7 @@ class SelectionReader:
         return self.iter_rows(self.my_rows())
 
     def _columns(self) -> dict[str, np.ndarray]:
-        # Cached per process: a DataLoader worker converts the table once, not once per batch.
-        if getattr(self, "_column_cache", None) is None:
+        if self._column_cache is None:
             self._column_cache = {c: self.table.column(c).to_numpy(zero_copy_only=False) for c in _REQUIRED}
         return self._column_cache
 

@@ -83,20 +83,22 @@ def abort(code: int = 1) -> None:
     os._exit(code)
 
 
-def _rendezvous_address() -> str:
-    """Rank 0's address as the other ranks can reach it: loopback on one node, else its resolved hostname."""
+def _rendezvous_address(rank: int) -> str | None:
+    """Rank 0's address as the other ranks can reach it (loopback on one node, else its resolved hostname);
+    None on the other ranks, which take it from rank 0's broadcast and need not resolve anything."""
     from mpi4py import MPI
 
-    hosts = MPI.COMM_WORLD.allgather(socket.gethostname())
+    hosts = MPI.COMM_WORLD.allgather(socket.gethostname())  # collective: every rank takes part
+    if rank != 0:
+        return None
     if len(set(hosts)) == 1:
         return "127.0.0.1"
-    override = os.environ.get("SAGEPAIRS_MASTER_ADDR")
-    return override or socket.gethostbyname(socket.getfqdn())
+    return os.environ.get("SAGEPAIRS_MASTER_ADDR") or socket.gethostbyname(socket.getfqdn())
 
 
 def _free_port(address: str) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((address if address != "127.0.0.1" else "127.0.0.1", 0))
+        sock.bind((address, 0))
         return sock.getsockname()[1]
 
 
@@ -111,9 +113,8 @@ def init_distributed(timeout_s: float, use_cuda: bool | None = None) -> Dist:
         device = torch.device("cpu")
     if world == 1:
         return Dist(0, 1, 0, 1, device, None)
-    address = _rendezvous_address()
-    port = _free_port(address) if rank == 0 else None
-    address, port = bcast((address, port) if rank == 0 else None)
+    address = _rendezvous_address(rank)
+    address, port = bcast((address, _free_port(address)) if rank == 0 else None)
     backend = "nccl" if cuda else "gloo"
     kwargs = {"device_id": device} if cuda else {}
     dist.init_process_group(backend, init_method=f"tcp://{address}:{port}", rank=rank, world_size=world,

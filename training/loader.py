@@ -41,7 +41,7 @@ from training.transforms import (
     tiled_size,
 )
 
-__all__ = ["StepPlan", "PairBatches", "BatchViews", "make_loader", "selection_fingerprint"]
+__all__ = ["StepPlan", "PairBatches", "BatchViews", "make_loader", "selection_fingerprint", "view_channels"]
 
 
 def selection_fingerprint(table: pa.Table) -> str:
@@ -74,6 +74,7 @@ class StepPlan:
     def total_steps(self) -> int:
         return self.steps_per_epoch * self.epochs
 
+    @functools.lru_cache(maxsize=2)  # noqa: B019 - a plan is small and lives as long as its loader
     def order(self, epoch: int) -> np.ndarray:
         # Exactly SelectionReader.order() with shuffle on, so `read_selection(..., shuffle=True, seed, epoch)`
         # and training agree on what an epoch is.
@@ -83,14 +84,10 @@ class StepPlan:
         """Selection rows of global step ``step`` (counted from the start of training), all ranks together."""
         epoch, within = divmod(step, self.steps_per_epoch)
         start = within * self.global_batch
-        return self._order_cached(epoch)[start : start + self.global_batch]
+        return self.order(epoch)[start : start + self.global_batch]
 
     def rows(self, step: int, rank: int) -> np.ndarray:
         return self.global_rows(step)[rank * self.batch_size : (rank + 1) * self.batch_size]
-
-    @functools.lru_cache(maxsize=2)  # noqa: B019 - a plan is small and lives as long as its loader
-    def _order_cached(self, epoch: int) -> np.ndarray:
-        return self.order(epoch)
 
 
 class PairBatches(IterableDataset):
@@ -203,6 +200,11 @@ def make_loader(batches: PairBatches, workers: int, prefetch: int, pin_memory: b
     )
 
 
+def view_channels(mode: str) -> tuple[int, int]:
+    """Channels of the first (RGB-slot) and second (IR-slot) view that BatchViews makes for ``mode``."""
+    return (1 if mode == "grey-ir" else 3, 3 if mode == "ir3" else 1)
+
+
 class BatchViews:
     """Device side of a batch: uint8 -> float, jitter, normalisation, the mode's two views, fitted to the patch grid."""
 
@@ -212,10 +214,6 @@ class BatchViews:
         self.ir_mean_c, self.ir_std_c = ir_mean_c, ir_std_c
         self.first_hw = tiled_size(data.rgb_size, rgb_patch, data.fit)
         self.second_hw = tiled_size(data.ir_size, ir_patch, data.fit)
-
-    @property
-    def channels(self) -> tuple[int, int]:
-        return (1 if self.mode == "grey-ir" else 3, 3 if self.mode == "ir3" else 1)
 
     def rgb(self, batch: dict) -> torch.Tensor:
         """The batch's RGB crops on the device as float N x 3 x H x W in [0, 1]."""

@@ -36,9 +36,9 @@ from training.checkpoint import (
     save_atomic,
     schedule_differences,
 )
-from training.config import TrainingConfig
+from training.config import TrainingConfig, config_toml
 from training.distributed import Dist, abort, all_mean, bcast, init_distributed, is_distributed, mpi_world
-from training.loader import BatchViews, PairBatches, StepPlan, make_loader, selection_fingerprint
+from training.loader import BatchViews, PairBatches, StepPlan, make_loader, selection_fingerprint, view_channels
 from training.model import ModelError, VICReg, check_arch, embedding_std, vicreg_loss
 from training.optim import build_optimizer, lr_schedule
 from training.plots import plot_loss, read_jsonl
@@ -109,10 +109,6 @@ def _first_line(text: str) -> str:
     return text.strip().splitlines()[0] if text.strip() else text
 
 
-def _channels(mode: str) -> tuple[int, int]:
-    return (1 if mode == "grey-ir" else 3, 3 if mode == "ir3" else 1)
-
-
 def model_spec(config: TrainingConfig) -> dict[str, Any]:
     m, d = config.model, config.data
     return {
@@ -120,7 +116,7 @@ def model_spec(config: TrainingConfig) -> dict[str, Any]:
         "depth": m.depth, "expander": list(m.expander),
         "first_hw": list(tiled_size(d.rgb_size, m.rgb_patch, d.fit)),
         "second_hw": list(tiled_size(d.ir_size, m.ir_patch, d.fit)),
-        "channels": list(_channels(m.mode)),
+        "channels": list(view_channels(m.mode)),
     }
 
 
@@ -322,8 +318,6 @@ class Trainer:
     def write_run_files(self) -> None:
         if not self.dist.is_main:
             return
-        from training.config import config_toml
-
         self.paths.checkpoints.mkdir(parents=True, exist_ok=True)
         extra = provenance(self.argv, packages=("torch", "torchvision", "timm", "webdataset", "mpi4py"))
         extra.update(world_size=self.dist.world_size, backend=self.dist.backend or "none", device=str(self.dist.device),
