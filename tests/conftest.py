@@ -77,3 +77,48 @@ def fixtures_dir() -> Path:
         pytest.skip("real SAGE fixtures not found (looked for shared/fixtures/sage-real above the checkout; "
                     "set SAGEPAIRS_SHARED to the shared/ folder)")
     return FIXTURES
+
+
+# A tiny two-branch model trained for a few steps on `built`: what the analysis tests read (they must not change it).
+TINY_RUN = """
+[data]
+dataset = "{dataset}"
+where = "TRUE"
+ir_size = [32, 48]
+workers = 0
+[model]
+rgb_arch = "vit_tiny_patch16_224"
+ir_arch = "vit_tiny_patch16_224"
+depth = 1
+expander = [64, 64]
+[optim]
+warmup_epochs = 1
+[train]
+epochs = 2
+batch_size = 8
+checkpoint_every = 1
+log_every = 1
+precision = "fp32"
+[run]
+dir = "{run}"
+"""
+
+
+@pytest.fixture(scope="session")
+def trained_run(built, tmp_path_factory) -> Path:
+    from training.config import load_training_config
+    from training.train import run_training
+
+    root = tmp_path_factory.mktemp("trained")
+    config_path = root / "train.toml"
+    config_path.write_text(TINY_RUN.format(dataset=built, run=root / "run"))
+    code = run_training(load_training_config(str(config_path)), progress=False, log=lambda m: None)
+    assert code == 0
+    return root / "run"
+
+
+@pytest.fixture()
+def trained_run_copy(trained_run, tmp_path) -> Path:
+    target = tmp_path / "run"
+    shutil.copytree(trained_run, target)
+    return target

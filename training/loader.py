@@ -16,6 +16,7 @@ import hashlib
 import io
 import signal
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +28,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from shards.reader import SelectionReader, epoch_order
 from training.config import DataConfig
 from training.transforms import (
+    Augment,
     crop_ir,
     decode_rgb_crop,
     draw_augment,
@@ -41,7 +43,7 @@ from training.transforms import (
     tiled_size,
 )
 
-__all__ = ["StepPlan", "PairBatches", "BatchViews", "make_loader", "selection_fingerprint", "view_channels"]
+__all__ = ["StepPlan", "PairBatches", "RowBatches", "EVAL_AUGMENT", "build_batch", "BatchViews", "make_loader", "selection_fingerprint", "view_channels"]
 
 
 def selection_fingerprint(table: pa.Table) -> str:
@@ -114,60 +116,95 @@ class PairBatches(IterableDataset):
             yield self.batch(step)
 
     def batch(self, step: int) -> dict:
-        rows = self.plan.rows(step, self.rank)
         epoch = step // self.plan.steps_per_epoch
-        data = self.data
-        rgb_hw, ir_hw = data.rgb_size, data.ir_size
-        n = len(rows)
-        keys: list[str] = []
-        rgb_tensor = _batch_buffer((n, *rgb_hw, 3), torch.uint8) if data.decode == "cpu" else None
-        rgb = rgb_tensor.numpy() if rgb_tensor is not None else None
-        jpegs: list[bytes] = []
-        boxes = np.empty((n, 4), dtype=np.float32)
-        flips = np.empty(n, dtype=bool)
-        need_ir = self.mode != "rgb-grey"
-        ir_tensor = _batch_buffer((n, *ir_hw), torch.float32)
-        ir = ir_tensor.numpy()
-        ir.fill(0)
-        rgb_jitter = np.empty((n, 3), dtype=np.float32)
-        grey_jitter = np.empty((n, 2), dtype=np.float32)
-        for i, sample in enumerate(self.reader.iter_rows(rows)):
-            key = sample["__key__"]
-            aug = draw_augment(sample_rng(self.plan.seed, epoch, key), data)
-            keys.append(key)
-            boxes[i], flips[i] = aug.box, aug.flip
-            rgb_jitter[i], grey_jitter[i] = aug.rgb_jitter, aug.grey_jitter
-            if rgb is not None:
-                rgb[i] = decode_rgb_crop(sample["rgb.jpg"], aug.box, rgb_hw, aug.flip)
-            else:
-                jpegs.append(sample["rgb.jpg"])
-            if need_ir:
-                celsius = np.load(io.BytesIO(sample["ir.npy"]), allow_pickle=False)
-                ir[i] = crop_ir(celsius, aug.box, ir_hw, aug.flip, self.ir_fill_c, aug.ir_gain, aug.ir_offset_c,
-                                data.ir_noise_c, aug.noise_seed)
-        batch = {
-            "step": step,
-            "epoch": epoch,
-            "keys": keys,
-            "ir": ir_tensor,
-            "rgb_jitter": torch.from_numpy(rgb_jitter),
-            "grey_jitter": torch.from_numpy(grey_jitter),
-        }
-        if rgb_tensor is not None:
-            batch["rgb"] = rgb_tensor
-        else:
-            # One tensor for the whole batch: one shared-memory block instead of N small ones.
-            sizes = np.fromiter((len(j) for j in jpegs), dtype=np.int64, count=n)
-            offsets = np.zeros(n + 1, dtype=np.int64)
-            np.cumsum(sizes, out=offsets[1:])
-            packed = np.empty(int(offsets[-1]), dtype=np.uint8)
-            for i, jpeg in enumerate(jpegs):
-                packed[offsets[i] : offsets[i + 1]] = np.frombuffer(jpeg, dtype=np.uint8)
-            batch["jpeg"] = torch.from_numpy(packed)
-            batch["jpeg_offsets"] = torch.from_numpy(offsets)
-            batch["boxes"] = torch.from_numpy(boxes)
-            batch["flip"] = torch.from_numpy(flips)
+        seed, data = self.plan.seed, self.data
+        batch = build_batch(self.reader, self.plan.rows(step, self.rank), data, self.mode, self.ir_fill_c,
+                            lambda key: draw_augment(sample_rng(seed, epoch, key), data), data.ir_noise_c)
+        batch.update(step=step, epoch=epoch)
         return batch
+
+
+# The evaluation view of a pair: the whole frame, unflipped, no photometric jitter and no IR noise.
+EVAL_AUGMENT = Augment(box=(0.0, 0.0, 1.0, 1.0), flip=False, rgb_jitter=(1.0, 1.0, 1.0), grey_jitter=(1.0, 1.0),
+                       ir_gain=1.0, ir_offset_c=0.0, noise_seed=0)
+
+
+class RowBatches(IterableDataset):
+    """Evaluation batches (``EVAL_AUGMENT``) of given Selection rows, in the given order, built in DataLoader workers.
+
+    ``batches`` is a list of (tag, rows); each yielded batch carries its ``tag`` (e.g. which output chunk it fills).
+    Worker ``w`` of ``W`` builds batches ``w, w + W, ...``, the order a DataLoader hands them back in.
+    """
+
+    def __init__(self, reader: SelectionReader, batches: list[tuple[object, np.ndarray]], data: DataConfig, mode: str,
+                 ir_fill_c: float) -> None:
+        super().__init__()
+        self.reader, self.batches, self.data, self.mode, self.ir_fill_c = reader, batches, data, mode, ir_fill_c
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        for tag, rows in self.batches[worker::workers]:
+            batch = build_batch(self.reader, rows, self.data, self.mode, self.ir_fill_c, lambda key: EVAL_AUGMENT, 0.0)
+            batch["tag"] = tag
+            yield batch
+
+
+def build_batch(reader: SelectionReader, rows: np.ndarray, data: DataConfig, mode: str, ir_fill_c: float,
+                augment_of: Callable[[str], Augment], ir_noise_c: float) -> dict:
+    """One batch of the samples at ``rows``, each cropped and jittered by ``augment_of(key)`` (see PairBatches)."""
+    rgb_hw, ir_hw = data.rgb_size, data.ir_size
+    n = len(rows)
+    keys: list[str] = []
+    rgb_tensor = _batch_buffer((n, *rgb_hw, 3), torch.uint8) if data.decode == "cpu" else None
+    rgb = rgb_tensor.numpy() if rgb_tensor is not None else None
+    jpegs: list[bytes] = []
+    boxes = np.empty((n, 4), dtype=np.float32)
+    flips = np.empty(n, dtype=bool)
+    need_ir = mode != "rgb-grey"
+    ir_tensor = _batch_buffer((n, *ir_hw), torch.float32)
+    ir = ir_tensor.numpy()
+    ir.fill(0)
+    rgb_jitter = np.empty((n, 3), dtype=np.float32)
+    grey_jitter = np.empty((n, 2), dtype=np.float32)
+    for i, sample in enumerate(reader.iter_rows(rows)):
+        key = sample["__key__"]
+        aug = augment_of(key)
+        keys.append(key)
+        boxes[i], flips[i] = aug.box, aug.flip
+        rgb_jitter[i], grey_jitter[i] = aug.rgb_jitter, aug.grey_jitter
+        if rgb is not None:
+            rgb[i] = decode_rgb_crop(sample["rgb.jpg"], aug.box, rgb_hw, aug.flip)
+        else:
+            jpegs.append(sample["rgb.jpg"])
+        if need_ir:
+            celsius = np.load(io.BytesIO(sample["ir.npy"]), allow_pickle=False)
+            ir[i] = crop_ir(celsius, aug.box, ir_hw, aug.flip, ir_fill_c, aug.ir_gain, aug.ir_offset_c,
+                            ir_noise_c, aug.noise_seed)
+    batch = {
+        "keys": keys,
+        "ir": ir_tensor,
+        "rgb_jitter": torch.from_numpy(rgb_jitter),
+        "grey_jitter": torch.from_numpy(grey_jitter),
+    }
+    if rgb_tensor is not None:
+        batch["rgb"] = rgb_tensor
+    else:
+        # One tensor for the whole batch: one shared-memory block instead of N small ones.
+        sizes = np.fromiter((len(j) for j in jpegs), dtype=np.int64, count=n)
+        offsets = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(sizes, out=offsets[1:])
+        packed = np.empty(int(offsets[-1]), dtype=np.uint8)
+        for i, jpeg in enumerate(jpegs):
+            packed[offsets[i] : offsets[i + 1]] = np.frombuffer(jpeg, dtype=np.uint8)
+        batch["jpeg"] = torch.from_numpy(packed)
+        batch["jpeg_offsets"] = torch.from_numpy(offsets)
+        batch["boxes"] = torch.from_numpy(boxes)
+        batch["flip"] = torch.from_numpy(flips)
+    return batch
 
 
 def _batch_buffer(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:

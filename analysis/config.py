@@ -1,0 +1,104 @@
+"""Analysis configuration: frozen dataclasses, defaults that suit 100k embeddings on a laptop, TOML in and out.
+
+`analysis ... --config analysis.toml` overrides any key (unknown keys are an error naming the file); the
+resolved config is written to ``RUN/analysis/config.toml`` by every command that writes results.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from catalog.runinfo import dump_config, load_config
+
+__all__ = ["EmbedConfig", "PCAConfig", "ClusterConfig", "TSNEConfig", "KNNConfig", "AttentionConfig",
+           "AnalysisConfig", "load_analysis_config", "analysis_toml", "LABELS"]
+
+# Catalog columns k-NN predicts and cluster tables cross; `cloud_class` comes from RAW/truth.parquet when present.
+LABELS = ("is_sky", "is_day", "vsn", "position")
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    where: str = "TRUE"  # SQL over `samples`: which samples to embed (k-NN needs both train and test splits)
+    batch_size: int = 64
+    workers: int = 2
+    chunk_rows: int = 4096  # rows per Zarr chunk: 4096 x 384 float32 = 6 MB; each rank writes whole chunks
+    decode: str = "auto"  # 'cpu', 'gpu' (nvJPEG), or 'auto': gpu when the device is CUDA
+    projections: bool = True  # also store the expander outputs (the space VICReg aligns; retrieval uses it)
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.workers < 0 or self.chunk_rows < 1:
+            raise ValueError("embed.batch_size and embed.chunk_rows must be >= 1, embed.workers >= 0")
+        if self.decode not in ("auto", "cpu", "gpu"):
+            raise ValueError(f"embed.decode must be 'auto', 'cpu' or 'gpu', got {self.decode!r}")
+
+
+@dataclass(frozen=True)
+class PCAConfig:
+    components: int = 50
+
+    def __post_init__(self) -> None:
+        if self.components < 2:
+            raise ValueError("pca.components must be >= 2")
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    k: int = 10
+    sweep: tuple[int, ...] = ()  # e.g. [5, 10, 20, 50]: fit each, keep the best silhouette (k is then ignored)
+    silhouette_sample: int = 10_000
+    silhouette_seeds: int = 5
+    examples: int = 6  # example pairs shown per cluster
+
+    def __post_init__(self) -> None:
+        if self.k < 2 or any(k < 2 for k in self.sweep):
+            raise ValueError("cluster.k and every cluster.sweep value must be >= 2")
+
+
+@dataclass(frozen=True)
+class TSNEConfig:
+    max_points: int = 100_000  # all points up to this many, else a fixed random sample of this many
+    perplexity: float = 30.0
+    n_jobs: int = 0  # 0: every core
+    link_pairs: int = 500  # pairs drawn in the plot that links a sample's RGB and IR points
+
+
+@dataclass(frozen=True)
+class KNNConfig:
+    k: tuple[int, ...] = (10, 20, 100, 200)
+    temperature: float = 0.07
+    train_split: str = "train"
+    test_split: str = "test"
+    query_chunk: int = 2048  # test rows per similarity block: memory is query_chunk x train rows x 4 bytes
+    cloud_bins: tuple[float, ...] = (0.25, 0.75)  # cloud fraction class edges for the synthetic truth
+
+    def __post_init__(self) -> None:
+        if not self.k or min(self.k) < 1 or self.temperature <= 0 or self.query_chunk < 1:
+            raise ValueError("knn.k must be non-empty and >= 1, knn.temperature > 0, knn.query_chunk >= 1")
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    where: str = "split = 'test'"  # samples drawn when no --keys are given
+    count: int = 6
+    threshold: float = 0.6  # DINO's mask: the smallest set of patches holding this share of the attention
+
+
+@dataclass(frozen=True)
+class AnalysisConfig:
+    seed: int = 0
+    baseline: bool = True  # also analyse a random-init model of the same architecture
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    pca: PCAConfig = field(default_factory=PCAConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    tsne: TSNEConfig = field(default_factory=TSNEConfig)
+    knn: KNNConfig = field(default_factory=KNNConfig)
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+
+
+def load_analysis_config(path: str | None) -> AnalysisConfig:
+    return load_config(AnalysisConfig, path)
+
+
+def analysis_toml(config: AnalysisConfig) -> str:
+    return dump_config(config)

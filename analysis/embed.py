@@ -1,0 +1,268 @@
+"""`analysis embed`: both branches' embeddings of a catalog selection into Zarr, from one rank or many.
+
+Preprocessing is training's evaluation view (``training.loader.EVAL_AUGMENT``: the whole frame, no flip, no
+jitter, no IR noise) through the same ``BatchViews`` training uses, so analysis sees what the model was trained
+on. Rows are in catalog order; chunk ``c`` belongs to rank ``c mod R``; a rank writes a chunk's rows, then its
+``done`` flag, so an interrupted embed resumes at the first unfinished chunk of each rank, with any number of
+ranks. Rank 0 marks the store complete after a barrier.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from analysis.config import EmbedConfig
+from analysis.runs import AnalysisError, Checkpoint, RunDir
+from analysis.store import create_embedding_store
+
+__all__ = ["embed", "EmbedResult", "selection_for", "embedding_identity"]
+
+
+@dataclass(frozen=True)
+class EmbedResult:
+    path: Path
+    rows: int
+    computed_rows: int
+    seconds: float
+    skipped: bool  # already complete and current
+
+
+def selection_for(run: RunDir, where: str, dataset: str | None = None):
+    """(catalog Selection, dataset path, training config) of ``where`` over the run's dataset."""
+    import catalog
+
+    config = run.training_config()
+    root = dataset or config.data.dataset
+    if not root or not Path(root).is_dir():
+        raise AnalysisError(f"{run.root / 'config.toml'}: data.dataset {root!r} does not exist here (pass --dataset)")
+    try:
+        with catalog.open(root) as cat:
+            selection = cat.select(where)
+    except catalog.CatalogError as exc:
+        message = str(exc).strip().splitlines()[0].replace(f"bad --where {where!r}: ", "")
+        raise AnalysisError(f"--where {where!r} is not valid SQL over `samples`: {message}") from None
+    if selection.num_rows == 0:
+        raise AnalysisError(f"--where {where!r} selects no samples in {root}")
+    return selection, Path(root), config
+
+
+def embedding_identity(checkpoint: Checkpoint, where: str, selection_sha: str, config, projections: bool) -> str:
+    """What the arrays depend on: the weights, the samples, the preprocessing. Equal identity = nothing to do."""
+    d = config.data
+    what = {"checkpoint": checkpoint.sha256, "where": where, "selection": selection_sha, "mode": config.model.mode,
+            "ir_size": list(d.ir_size), "rgb_scale": d.rgb_scale, "fit": d.fit, "ir_mean": d.ir_mean,
+            "ir_std": d.ir_std, "ir3_bounds": list(d.ir3_bounds), "projections": projections, "version": 1}
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
+
+
+def _device(decode: str):
+    import torch
+
+    from training.distributed import mpi_world
+
+    _, _, local_rank, _ = mpi_world()
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if decode == "gpu" and device.type != "cuda":
+        raise AnalysisError("embed.decode = 'gpu' needs a CUDA device; this machine has none")
+    return device
+
+
+def embed(run_dir: str | Path, checkpoint_name: str = "last", where: str | None = None, config: EmbedConfig | None = None,
+          dataset: str | None = None, progress: bool = True, log=print) -> EmbedResult:
+    """Embed under any number of MPI ranks (each process calls this); returns on every rank."""
+    from training.distributed import abort, bcast, launched_by_mpi, mpi_world
+
+    cfg = config or EmbedConfig()
+    where = (where if where is not None else cfg.where).strip() or "TRUE"
+    rank, world, _, local_size = mpi_world()
+    run = RunDir.open(run_dir) if rank == 0 else RunDir(Path(run_dir))
+    verdict: dict = {}
+    if rank == 0:
+        try:
+            verdict = _prepare(run, checkpoint_name, where, cfg, dataset)
+        except AnalysisError as exc:
+            verdict = {"error": str(exc)}
+        except Exception as exc:  # noqa: BLE001 - the other ranks must hear of it, not wait forever
+            verdict = {"error": f"{type(exc).__name__}: {exc}"}
+    if world > 1:
+        verdict = bcast(verdict)
+    if "error" in verdict:
+        raise AnalysisError(verdict["error"])
+    path = Path(verdict["path"])
+    if verdict["skip"]:
+        if rank == 0:
+            log(f"{path}: up to date ({verdict['n']} samples)")
+        return EmbedResult(path, verdict["n"], 0, 0.0, True)
+    try:
+        computed, seconds = _embed_my_chunks(run, verdict, cfg, rank, world, local_size, progress)
+    except BaseException as exc:
+        if world > 1:
+            print(f"analysis embed: rank {rank}: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+            abort(1)
+        raise
+    if launched_by_mpi() and world > 1:
+        from mpi4py import MPI
+
+        computed = MPI.COMM_WORLD.allreduce(computed)
+        MPI.COMM_WORLD.Barrier()
+    if rank == 0:
+        import zarr
+
+        group = zarr.open_group(str(path), mode="r+")
+        done = group["done"][:]
+        if int(done[: group.attrs["n_chunks"]].sum()) != group.attrs["n_chunks"]:
+            raise AnalysisError(f"{path}: some chunks were not written; run `analysis embed` again")
+        group.attrs.update({"complete": True, "world_size": world, "seconds": seconds})
+        rate = computed / seconds if seconds > 0 else float("nan")
+        log(f"{path}: {verdict['n']} samples ({computed} embedded now, {rate:.0f} pairs/s on {world} rank(s))")
+    return EmbedResult(path, verdict["n"], computed, seconds, False)
+
+
+def _prepare(run: RunDir, checkpoint_name: str, where: str, cfg: EmbedConfig, dataset: str | None) -> dict:
+    """Rank 0: resolve everything, create or reuse the store; what every rank needs to start."""
+    import zarr
+
+    from catalog.runinfo import provenance
+    from training.loader import selection_fingerprint
+
+    checkpoint = run.checkpoint(checkpoint_name)
+    selection, root, _ = selection_for(run, where, dataset)
+    model, config, spec = run.load_model(checkpoint)  # checks the architecture before anything is written
+    selection_sha = selection_fingerprint(selection)
+    identity = embedding_identity(checkpoint, where, selection_sha, config, cfg.projections)
+    path = run.embeddings(checkpoint.name)
+    n = selection.num_rows
+    skip = False
+    existing = None
+    if path.exists():
+        try:
+            existing = dict(zarr.open_group(str(path), mode="r").attrs)
+        except Exception:  # noqa: BLE001 - unreadable: rebuilt below
+            existing = None
+    if existing is not None and existing.get("identity") == identity and existing.get("chunk_rows") == min(cfg.chunk_rows, n):
+        skip = bool(existing.get("complete"))
+    else:
+        dims = {"rgb": (model.rgb_backbone.num_features, "float32"), "ir": (model.ir_backbone.num_features, "float32")}
+        if cfg.projections:
+            dims.update(rgb_z=(config.model.expander[-1], "float16"), ir_z=(config.model.expander[-1], "float16"))
+        attrs = {
+            "identity": identity, "checkpoint": checkpoint.name, "checkpoint_sha256": checkpoint.sha256,
+            "checkpoint_epoch": checkpoint.epoch, "checkpoint_step": checkpoint.step, "where": where,
+            "selection_sha256": selection_sha, "dataset": str(root), "model_spec": spec,
+            "training_config": json.loads(json.dumps(_config_dict(config))),
+            "preprocessing": "training.loader.EVAL_AUGMENT: whole frame, no flip, no jitter, no IR noise; BatchViews",
+            "provenance": json.loads(json.dumps(provenance(packages=("torch", "timm", "zarr")), default=str)),
+        }
+        create_embedding_store(path, selection.column("key").to_pylist(), dims, cfg.chunk_rows, attrs)
+    return {"path": str(path), "skip": skip, "n": n, "checkpoint": checkpoint.name, "where": where,
+            "dataset": str(root), "checkpoint_path": str(checkpoint.path) if checkpoint.path else None,
+            "checkpoint_sha256": checkpoint.sha256}
+
+
+def _config_dict(config) -> dict:
+    from catalog.runinfo import config_to_dict
+
+    return config_to_dict(config)
+
+
+def _embed_my_chunks(run: RunDir, verdict: dict, cfg: EmbedConfig, rank: int, world: int, local_size: int,
+                     progress: bool) -> tuple[int, float]:
+    import catalog
+    import torch
+    import zarr
+
+    from shards.reader import SelectionReader
+    from training.loader import BatchViews, RowBatches, make_loader
+
+    path = Path(verdict["path"])
+    group = zarr.open_group(str(path), mode="r+")
+    n, chunk_rows, n_chunks = int(group.attrs["n"]), int(group.attrs["chunk_rows"]), int(group.attrs["n_chunks"])
+    done = group["done"][:]
+    mine = [c for c in range(rank, n_chunks, world) if not done[c]]
+    if not mine:
+        return 0, 0.0
+    with catalog.open(verdict["dataset"]) as cat:
+        selection = cat.select(verdict["where"])
+    decode = cfg.decode
+    device = _device(decode)
+    if decode == "auto":
+        decode = "gpu" if device.type == "cuda" else "cpu"
+    checkpoint = run.checkpoint(verdict["checkpoint"]) if verdict["checkpoint_path"] else run.checkpoint("random")
+    if checkpoint.sha256 != verdict["checkpoint_sha256"]:
+        raise AnalysisError(f"{checkpoint.path}: changed while embedding started; run `analysis embed` again")
+    model, config, _ = run.load_model(checkpoint, device)
+    if device.type == "cpu" and local_size > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_size))
+    import dataclasses
+
+    data = dataclasses.replace(config.data, decode=decode)
+    m = config.model
+    views = BatchViews(data, m.mode, m.rgb_patch, m.ir_patch, data.ir_mean, data.ir_std, device)
+    batches = []
+    for c in mine:
+        start, stop = c * chunk_rows, min((c + 1) * chunk_rows, n)
+        for b in range(start, stop, cfg.batch_size):
+            batches.append(((c, b - start), np.arange(b, min(b + cfg.batch_size, stop))))
+    reader = SelectionReader(selection, Path(verdict["dataset"]))
+    loader = make_loader(RowBatches(reader, batches, data, m.mode, data.ir_mean), cfg.workers, 4,
+                         pin_memory=device.type == "cuda")
+    names = [name for name in ("rgb", "ir", "rgb_z", "ir_z") if name in group.array_keys()]
+    buffers: dict[int, dict[str, np.ndarray]] = {}
+    filled: dict[int, int] = {}
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and torch.cuda.is_bf16_supported()
+                else torch.autocast("cpu", enabled=False))
+    bar = None
+    if rank == 0 and progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=sum(len(rows) for _, rows in batches), unit="pair", desc=f"embed {verdict['checkpoint']}",
+                   dynamic_ncols=True, file=sys.stderr)
+    all_keys = np.asarray(group["key"][:], dtype=object)
+    started = time.perf_counter()
+    computed = 0
+    with torch.inference_mode():
+        for batch in loader:
+            c, offset = batch["tag"]
+            first, second = views(batch)
+            with autocast:
+                h_rgb = model.rgb_backbone(first)
+                h_ir = model.ir_backbone(second)
+                out = {"rgb": h_rgb, "ir": h_ir}
+                if "rgb_z" in names:
+                    out["rgb_z"], out["ir_z"] = model.rgb_expander(h_rgb), model.ir_expander(h_ir)
+            start, stop = c * chunk_rows, min((c + 1) * chunk_rows, n)
+            if c not in buffers:
+                buffers[c] = {name: np.empty((stop - start, group[name].shape[1]), dtype=group[name].dtype)
+                              for name in names}
+                filled[c] = 0
+            rows = len(batch["keys"])
+            if list(batch["keys"]) != list(all_keys[start + offset : start + offset + rows]):
+                raise AnalysisError(f"{path}: rows {start + offset}.. do not hold the catalog's keys (catalog changed?)")
+            for name in names:
+                buffers[c][name][offset : offset + rows] = out[name].float().cpu().numpy()
+            filled[c] += rows
+            computed += rows
+            if bar is not None:
+                bar.update(rows)
+            if filled[c] == stop - start:
+                for name in names:
+                    group[name][start:stop] = buffers[c][name]
+                group["done"][c] = 1  # after the rows: a chunk marked done is complete on disk
+                del buffers[c], filled[c]
+    if bar is not None:
+        bar.close()
+    if buffers:
+        raise AnalysisError(f"{path}: chunks {sorted(buffers)} were not filled (loader ended early)")
+    return computed, time.perf_counter() - started

@@ -1,0 +1,127 @@
+"""`analysis knn` and `analysis retrieval`: what the embeddings know, measured without training anything.
+
+k-NN is DINO's weighted k-NN (``eval_knn.py``): L2-normalised features, cosine similarity, the k most similar
+training rows each vote ``exp(similarity / T)`` for their label; top-1 (and top-5 where there are more than 5
+classes) accuracy on the test split, for every k from one top-k search. Labels are catalog columns (sky or
+ground, day or night, node, pointing position) and, for synthetic data, the generator's cloud-fraction class.
+
+Retrieval asks whether the two branches agree on a sample: for each test RGB embedding, is its own IR partner
+among the top 1 / top 5 of all test IR embeddings (and the reverse), against chance (k / n). It is measured in
+the expander space (``rgb_z``, ``ir_z``): the space the VICReg invariance term aligns; the two backbones'
+outputs live in unrelated coordinates.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from analysis.config import LABELS, KNNConfig
+from analysis.neighbours import l2_normalise, topk_neighbours
+from analysis.runs import AnalysisError
+from analysis.store import Embeddings, write_json
+
+__all__ = ["weighted_knn", "run_knn", "retrieval_accuracy", "run_retrieval", "space_matrix"]
+
+
+def space_matrix(embeddings: Embeddings, space: str, rows: np.ndarray) -> np.ndarray:
+    """L2-normalised features of ``rows`` (sorted); joint = both branches normalised, side by side, renormalised,
+    so each branch counts equally whatever its scale."""
+    if space == "joint":
+        both = np.concatenate([l2_normalise(embeddings.rows("rgb", rows)), l2_normalise(embeddings.rows("ir", rows))],
+                              axis=1)
+        return l2_normalise(both)
+    return l2_normalise(embeddings.rows(space, rows))
+
+
+def weighted_knn(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, ks: tuple[int, ...],
+                 temperature: float, n_classes: int, query_chunk: int = 2048) -> dict[int, dict[str, float]]:
+    """{k: {"top1": accuracy, "top5": accuracy or None}} of DINO's weighted k-NN (inputs L2-normalised)."""
+    k_max = max(ks)
+    if len(train_x) < k_max:
+        raise AnalysisError(f"k-NN needs at least k = {k_max} training samples, the selection has {len(train_x)}")
+    similarity, index = topk_neighbours(test_x, train_x, k_max, "cosine", query_chunk)
+    weights = np.exp(similarity / temperature)
+    neighbour_labels = train_y[index]
+    out: dict[int, dict[str, float]] = {}
+    for k in ks:
+        votes = np.zeros((len(test_x), n_classes), dtype=np.float64)
+        np.add.at(votes, (np.arange(len(test_x))[:, None], neighbour_labels[:, :k]), weights[:, :k])
+        ranked = np.argsort(-votes, axis=1, kind="stable")
+        top1 = float((ranked[:, 0] == test_y).mean())
+        top5 = float((ranked[:, :5] == test_y[:, None]).any(axis=1).mean()) if n_classes > 5 else None
+        out[k] = {"top1": top1, "top5": top5}
+    return out
+
+
+def run_knn(embeddings: Embeddings, results: Path, config: KNNConfig, metadata, log=print) -> dict:
+    """k-NN for every label and space; knn.json; returns its content."""
+    split = metadata["split"].to_numpy()
+    train_rows = np.flatnonzero(split == config.train_split)
+    test_rows = np.flatnonzero(split == config.test_split)
+    if len(test_rows) == 0:
+        raise AnalysisError(f"{embeddings.path}: no {config.test_split!r} samples among the embedded ones")
+    if len(train_rows) < max(config.k):
+        raise AnalysisError(f"{embeddings.path}: {len(train_rows)} {config.train_split!r} samples embedded, fewer than "
+                            f"k = {max(config.k)} (set knn.k in --config, or embed more samples)")
+    labels = [c for c in (*LABELS, "cloud_class") if c in metadata.columns]
+    spaces = [s for s in ("rgb", "ir", "joint") if s == "joint" or embeddings.has(s)]
+    out: dict = {"embeddings": embeddings.identity, "checkpoint": embeddings.checkpoint, "k": list(config.k),
+                 "temperature": config.temperature, "train": int(len(train_rows)), "test": int(len(test_rows)),
+                 "labels": {}}
+    matrices = {s: (space_matrix(embeddings, s, train_rows), space_matrix(embeddings, s, test_rows)) for s in spaces}
+    for label in labels:
+        values = metadata[label].astype("object").to_numpy()
+        known_train = np.array([v is not None and v == v for v in values[train_rows]])
+        known_test = np.array([v is not None and v == v for v in values[test_rows]])
+        if known_train.sum() < max(config.k) or known_test.sum() == 0:
+            out["labels"][label] = {"skipped": f"{int(known_train.sum())} labelled training samples, "
+                                               f"{int(known_test.sum())} test"}
+            continue
+        classes, codes = np.unique(np.array([str(v) for v in values[np.concatenate([train_rows, test_rows])]]),
+                                   return_inverse=True)
+        train_codes, test_codes = codes[: len(train_rows)], codes[len(train_rows) :]
+        majority = np.bincount(train_codes[known_train], minlength=len(classes)).argmax()
+        entry = {"classes": len(classes), "majority_baseline": float((test_codes[known_test] == majority).mean()),
+                 "spaces": {}}
+        for space, (train_x, test_x) in matrices.items():
+            scores = weighted_knn(train_x[known_train], train_codes[known_train], test_x[known_test],
+                                  test_codes[known_test], config.k, config.temperature, len(classes), config.query_chunk)
+            entry["spaces"][space] = {str(k): v for k, v in scores.items()}
+        out["labels"][label] = entry
+        headline = 20 if 20 in config.k else config.k[0]
+        log(f"knn {label}: " + ", ".join(f"{s} {100 * entry['spaces'][s][str(headline)]['top1']:.1f}%" for s in spaces)
+            + f" top-1 at k={headline} (majority class {100 * entry['majority_baseline']:.1f}%)")
+    write_json(results / "knn.json", out)
+    return out
+
+
+def retrieval_accuracy(queries: np.ndarray, base: np.ndarray, ks: tuple[int, ...] = (1, 5),
+                       query_chunk: int = 2048) -> dict[int, float]:
+    """Share of rows i whose partner base[i] is among the top k of base for queries[i] (inputs L2-normalised)."""
+    k_max = min(max(ks), len(base))
+    _, index = topk_neighbours(queries, base, k_max, "cosine", query_chunk)
+    hit = index == np.arange(len(queries))[:, None]
+    return {k: float(hit[:, :k].any(axis=1).mean()) for k in ks}
+
+
+def run_retrieval(embeddings: Embeddings, results: Path, metadata, split: str = "test", ks: tuple[int, ...] = (1, 5),
+                  log=print) -> dict:
+    rows = np.flatnonzero(metadata["split"].to_numpy() == split)
+    out: dict = {"embeddings": embeddings.identity, "checkpoint": embeddings.checkpoint, "split": split,
+                 "n": int(len(rows)), "k": list(ks)}
+    if not embeddings.has("rgb_z"):
+        out["skipped"] = "no expander outputs in the embeddings (embed.projections = false)"
+    elif len(rows) < max(ks):
+        raise AnalysisError(f"retrieval needs at least {max(ks)} {split!r} samples, the embeddings hold {len(rows)}")
+    else:
+        rgb = l2_normalise(embeddings.rows("rgb_z", rows))
+        ir = l2_normalise(embeddings.rows("ir_z", rows))
+        out["rgb_to_ir"] = {str(k): v for k, v in retrieval_accuracy(rgb, ir, ks).items()}
+        out["ir_to_rgb"] = {str(k): v for k, v in retrieval_accuracy(ir, rgb, ks).items()}
+        out["chance"] = {str(k): min(k / len(rows), 1.0) for k in ks}
+        log(f"retrieval ({len(rows)} {split} pairs): RGB->IR top-1 {100 * out['rgb_to_ir'][str(ks[0])]:.1f}%, "
+            f"IR->RGB top-1 {100 * out['ir_to_rgb'][str(ks[0])]:.1f}% (chance {100 * out['chance'][str(ks[0])]:.1f}%)")
+    write_json(results / "retrieval.json", out)
+    return out
