@@ -33,6 +33,7 @@ class EmbedResult:
     computed_rows: int
     seconds: float
     skipped: bool  # already complete and current
+    steady_pairs_per_s: float | None = None  # this rank, from its first batch on (worker start-up left out)
 
 
 def selection_for(run: RunDir, where: str, dataset: str | None = None):
@@ -106,7 +107,7 @@ def embed(run_dir: str | Path, checkpoint_name: str = "last", where: str | None 
             log(f"{path}: up to date ({verdict['n']} samples)")
         return EmbedResult(path, verdict["n"], 0, 0.0, True)
     try:
-        computed, seconds = _embed_my_chunks(run, verdict, cfg, rank, world, local_size, progress)
+        computed, seconds, steady = _embed_my_chunks(run, verdict, cfg, rank, world, local_size, progress)
     except BaseException as exc:
         if world > 1:
             print(f"analysis embed: rank {rank}: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
@@ -127,7 +128,7 @@ def embed(run_dir: str | Path, checkpoint_name: str = "last", where: str | None 
         group.attrs.update({"complete": True, "world_size": world, "seconds": seconds})
         rate = computed / seconds if seconds > 0 else float("nan")
         log(f"{path}: {verdict['n']} samples ({computed} embedded now, {rate:.0f} pairs/s on {world} rank(s))")
-    return EmbedResult(path, verdict["n"], computed, seconds, False)
+    return EmbedResult(path, verdict["n"], computed, seconds, False, steady)
 
 
 def _prepare(run: RunDir, checkpoint_name: str, where: str, cfg: EmbedConfig, dataset: str | None) -> dict:
@@ -178,13 +179,13 @@ def _config_dict(config) -> dict:
 
 
 def _embed_my_chunks(run: RunDir, verdict: dict, cfg: EmbedConfig, rank: int, world: int, local_size: int,
-                     progress: bool) -> tuple[int, float]:
+                     progress: bool) -> tuple[int, float, float | None]:
     import catalog
     import torch
     import zarr
 
     from shards.reader import SelectionReader
-    from training.loader import BatchViews, RowBatches, make_loader
+    from training.loader import BatchViews, DevicePrefetcher, RowBatches, make_loader
 
     path = Path(verdict["path"])
     group = zarr.open_group(str(path), mode="r+")
@@ -192,7 +193,7 @@ def _embed_my_chunks(run: RunDir, verdict: dict, cfg: EmbedConfig, rank: int, wo
     done = group["done"][:]
     mine = [c for c in range(rank, n_chunks, world) if not done[c]]
     if not mine:
-        return 0, 0.0
+        return 0, 0.0, None
     with catalog.open(verdict["dataset"]) as cat:
         selection = cat.select(verdict["where"])
     decode = cfg.decode
@@ -219,23 +220,52 @@ def _embed_my_chunks(run: RunDir, verdict: dict, cfg: EmbedConfig, rank: int, wo
     loader = make_loader(RowBatches(reader, batches, data, m.mode, data.ir_mean), cfg.workers, 4,
                          pin_memory=device.type == "cuda")
     names = [name for name in ("rgb", "ir", "rgb_z", "ir_z") if name in group.array_keys()]
-    buffers: dict[int, dict[str, np.ndarray]] = {}
-    filled: dict[int, int] = {}
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and torch.cuda.is_bf16_supported()
                 else torch.autocast("cpu", enabled=False))
+    total = sum(len(rows) for _, rows in batches)
     bar = None
     if rank == 0 and progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=sum(len(rows) for _, rows in batches), unit="pair", desc=f"embed {verdict['checkpoint']}",
-                   dynamic_ncols=True, file=sys.stderr)
+        bar = tqdm(total=total, unit="pair", desc=f"embed {verdict['checkpoint']}", dynamic_ncols=True, file=sys.stderr)
     all_keys = np.asarray(group["key"][:], dtype=object)
     started = time.perf_counter()
-    computed = 0
+    prefetch = DevicePrefetcher(loader, views, device)
+    try:
+        first_batch = _write_chunks(prefetch, model, autocast, group, names, n, chunk_rows, all_keys, path, bar)
+    finally:
+        prefetch.close()
+    if bar is not None:
+        bar.close()
+    ended = time.perf_counter()
+    steady = None
+    if first_batch is not None and ended > first_batch[0] and total > first_batch[1]:
+        steady = (total - first_batch[1]) / (ended - first_batch[0])
+    return total, ended - started, steady
+
+
+def _write_chunk(group, names: list[str], chunk: int, start: int, stop: int, arrays: dict[str, np.ndarray]) -> None:
+    for name in names:
+        group[name][start:stop] = arrays[name]
+    group["done"][chunk] = 1  # after the rows: a chunk marked done is complete on disk
+
+
+def _write_chunks(prefetch, model, autocast, group, names, n, chunk_rows, all_keys, path, bar):
+    """Embed every prepared batch; write each chunk, then its done flag, once all its rows are in.
+
+    Returns (time the first batch was done, its rows), from which the steady rate is measured."""
+    import torch
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    first_batch = None
+    writer = ThreadPoolExecutor(max_workers=2, thread_name_prefix="zarr-writer")
+    pending: list = []
+    buffers: dict[int, dict[str, np.ndarray]] = {}
+    filled: dict[int, int] = {}
     with torch.inference_mode():
-        for batch in loader:
+        for batch, (first, second) in prefetch:
             c, offset = batch["tag"]
-            first, second = views(batch)
             with autocast:
                 h_rgb = model.rgb_backbone(first)
                 h_ir = model.ir_backbone(second)
@@ -253,16 +283,19 @@ def _embed_my_chunks(run: RunDir, verdict: dict, cfg: EmbedConfig, rank: int, wo
             for name in names:
                 buffers[c][name][offset : offset + rows] = out[name].float().cpu().numpy()
             filled[c] += rows
-            computed += rows
+            if first_batch is None:
+                first_batch = (time.perf_counter(), rows)
             if bar is not None:
                 bar.update(rows)
             if filled[c] == stop - start:
-                for name in names:
-                    group[name][start:stop] = buffers[c][name]
-                group["done"][c] = 1  # after the rows: a chunk marked done is complete on disk
-                del buffers[c], filled[c]
-    if bar is not None:
-        bar.close()
+                # Compressing and writing a chunk takes a while: a writer thread does it while the GPU goes on.
+                pending.append(writer.submit(_write_chunk, group, names, c, start, stop, buffers.pop(c)))
+                del filled[c]
+                while pending and pending[0].done():
+                    pending.pop(0).result()
+    for future in pending:
+        future.result()
+    writer.shutdown()
     if buffers:
         raise AnalysisError(f"{path}: chunks {sorted(buffers)} were not filled (loader ended early)")
-    return computed, time.perf_counter() - started
+    return first_batch

@@ -115,7 +115,7 @@ class Analysis:
         if not force and previous is not None and previous.get("checkpoint_sha256") == sha:
             return previous
         result = attention(self.run.root, checkpoint, keys=keys, where=where, config=self.config.attention,
-                           dataset=self.dataset, log=self.log)
+                           dataset=self.dataset, log=self.log, seed=self.config.seed)
         return result
 
     def evolution(self, force: bool = False) -> dict:

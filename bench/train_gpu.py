@@ -9,7 +9,10 @@ One prepared run for a GPU machine (../shared/notes/gpu-feed.md says how to get 
    data-wait share from the run's metrics.jsonl;
 3. measures the model-only rate: the same step (`training.train.vicreg_step`) on random tensors already on the GPU.
 
-Target: end-to-end >= 0.9 of the model-only rate. Expanders are 2048-2048-2048 (as in gpu-feed.md's reference
+Target: end-to-end >= 0.9 of the model-only rate. Then `analysis embed` (issue 8) with the trained checkpoint over a
+larger quarter-scale dataset (the shards hold the same 672x504 JPEGs whatever the source scale), with
+``embed.decode`` = gpu and cpu, against the model-only inference rate (backbones + expanders, no gradients):
+target >= 0.8. Expanders are 2048-2048-2048 (as in gpu-feed.md's reference
 figure, 2,612 pairs/s at 224/112), so the numbers compare with it.
 
     PYTHONPATH=/tmp/site:$PWD python3 bench/train_gpu.py [--frames 512] [--steps 60] [--summary $OUT/train_gpu.md]
@@ -41,21 +44,22 @@ def run(argv: list[str], **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(argv, cwd=ROOT, check=True, **kwargs)
 
 
-def build_dataset(root: Path, frames_per_node: int, workers: int) -> tuple[Path, list[str]]:
+def build_dataset(root: Path, frames_per_node: int, workers: int, scale: float = 1.0) -> tuple[Path, list[str]]:
     raw, dataset = root / "raw", root / "dataset"
     lines = []
     if not (dataset / "catalog").exists():
         shutil.rmtree(root, ignore_errors=True)
         started = time.perf_counter()
         run([sys.executable, "-m", "ingest", "synth", str(raw), "--nodes", "2", "--frames", str(frames_per_node),
-             "--scale", "1.0", "--workers", str(workers), "--quiet"])
+             "--scale", str(scale), "--workers", str(workers), "--quiet"])
         synth_s = time.perf_counter() - started
         started = time.perf_counter()
         run([sys.executable, "-m", "ingest", "build-shards", str(raw), str(dataset), "--nodes", str(raw / "nodes.csv"),
              "--workers", str(workers), "--quiet"])
         build_s = time.perf_counter() - started
         frames = 2 * frames_per_node
-        lines.append(f"dataset: {frames} full-size 6144x2048 frames; synth {synth_s:.0f} s; build-shards --workers "
+        size = "full-size 6144x2048" if scale == 1.0 else f"{scale:g}-scale"
+        lines.append(f"dataset: {frames} {size} frames; synth {synth_s:.0f} s; build-shards --workers "
                      f"{workers}: {build_s:.1f} s = {frames / build_s:.0f} frames/s (whole run, scan and commit included)")
     return dataset, lines
 
@@ -131,9 +135,9 @@ def model_only(steps: int) -> dict:
             if train:
                 vicreg_step(model, optimizer, first, second, 0.01, LossConfig(), autocast)
             else:
-                with torch.no_grad(), autocast():
-                    model.rgb_backbone(first)
-                    model.ir_backbone(second)
+                with torch.no_grad(), autocast():  # what `analysis embed` computes: backbones and expanders
+                    model.rgb_expander(model.rgb_backbone(first))
+                    model.ir_expander(model.ir_backbone(second))
         torch.cuda.synchronize()
         return n * BATCH / (time.perf_counter() - started)
 
@@ -147,12 +151,26 @@ def model_only(steps: int) -> dict:
             "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__}
 
 
+def analysis_embed(run_dir: Path, dataset: Path, decode: str, workers: int) -> dict:
+    """`analysis embed` of every sample of ``dataset`` with the run's last checkpoint: its steady pairs/s."""
+    from analysis.config import EmbedConfig
+    from analysis.embed import embed
+
+    shutil.rmtree(run_dir / "embeddings", ignore_errors=True)
+    config = EmbedConfig(batch_size=BATCH, workers=workers, decode=decode, chunk_rows=4096)
+    result = embed(run_dir, "last", where="TRUE", config=config, dataset=str(dataset), progress=False)
+    return {"decode": decode, "workers": workers, "rows": result.rows, "seconds": result.seconds,
+            "steady": result.steady_pairs_per_s}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, default=512, help="full-size frames per node (2 nodes)")
     parser.add_argument("--steps", type=int, default=60, help="training steps per end-to-end run")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 16)
     parser.add_argument("--gpu-workers", type=int, default=8, help="loader workers with data.decode = gpu")
+    parser.add_argument("--embed-frames", type=int, default=4096,
+                        help="frames per node of the (quarter-scale) dataset `analysis embed` reads; 0: skip")
     parser.add_argument("--summary", help="also write the recorded lines here (markdown)")
     args = parser.parse_args(argv)
 
@@ -167,6 +185,14 @@ def main(argv: list[str] | None = None) -> int:
                  f"|difference| {agreement:.4f} of full scale (target < 0.03)")
     results = [end_to_end(dataset, "cpu", args.workers, args.steps, OUT / "train-gpu-run-cpu"),
                end_to_end(dataset, "gpu", args.gpu_workers, args.steps, OUT / "train-gpu-run-gpu")]
+    embeds = []
+    if args.embed_frames:
+        embed_dataset, embed_lines = build_dataset(OUT / f"embed-gpu-{args.embed_frames}", args.embed_frames,
+                                                   args.workers, scale=0.25)
+        lines += embed_lines
+        run_dir = OUT / "train-gpu-run-gpu"
+        embeds = [analysis_embed(run_dir, embed_dataset, "gpu", args.gpu_workers),
+                  analysis_embed(run_dir, embed_dataset, "cpu", args.workers)]
     model = model_only(args.steps)
     limit = model["train_pairs_per_s"]
     lines.insert(0, f"GPU: {model['gpu']}, torch {model['torch']}, bf16 autocast, batch {BATCH}, ViT-S/16 RGB 240x320 + "
@@ -179,6 +205,14 @@ def main(argv: list[str] | None = None) -> int:
             f"pairs/s (median over steps; mean {r['mean_pairs_per_s']:.0f}) = {r['pairs_per_s'] / limit:.2f} of the "
             f"model-only rate (target >= 0.9); data wait {100 * r['data_wait']:.1f}% of step time; loss "
             f"{r['loss_first']:.2f} -> {r['loss_last']:.2f} over {r['steps']} steps"
+        )
+    for e in embeds:
+        steady = e["steady"] or float("nan")
+        lines.append(
+            f"`analysis embed` (ViT-S pair + expanders, bf16, batch {BATCH}), embed.decode = {e['decode']} "
+            f"({e['workers']} workers), {e['rows']} samples: {steady:.0f} pairs/s from the first batch on "
+            f"({e['rows'] / e['seconds']:.0f} with worker start-up) = {steady / model['embed_pairs_per_s']:.2f} of the "
+            f"model-only embed rate (target >= 0.8)"
         )
     record("bench/train_gpu.py", lines)
     if args.summary:

@@ -556,3 +556,27 @@ def _parent_name(pid: int) -> str:
         return Path(f"/proc/{ppid}/comm").read_text().strip()
     except (OSError, ValueError, IndexError):
         return ""
+
+
+def test_device_prefetcher_keeps_order_passes_errors_and_closes_while_blocked():
+    from training.loader import DevicePrefetcher
+
+    def prepare(batch):
+        return (torch.full((2,), float(batch["i"])),)
+
+    threaded = DevicePrefetcher(({"i": i} for i in range(20)), prepare, torch.device("cpu"), threaded=True)
+    assert [(b["i"], int(t[0])) for b, (t,) in threaded] == [(i, i) for i in range(20)]
+
+    def broken():
+        yield {"i": 0}
+        raise OSError("shard gone")
+
+    failing = DevicePrefetcher(broken(), prepare, torch.device("cpu"), threaded=True)
+    next(failing)
+    with pytest.raises(OSError, match="shard gone"):
+        next(failing)
+    endless = DevicePrefetcher(({"i": i} for i in range(10**9)), prepare, torch.device("cpu"), depth=1, threaded=True)
+    next(endless)
+    started = time.monotonic()
+    endless.close()  # its thread is blocked on the full queue
+    assert not endless.thread.is_alive() and time.monotonic() - started < 5

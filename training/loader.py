@@ -43,7 +43,7 @@ from training.transforms import (
     tiled_size,
 )
 
-__all__ = ["StepPlan", "PairBatches", "RowBatches", "EVAL_AUGMENT", "build_batch", "BatchViews", "make_loader", "selection_fingerprint", "view_channels"]
+__all__ = ["StepPlan", "PairBatches", "RowBatches", "EVAL_AUGMENT", "build_batch", "DevicePrefetcher", "BatchViews", "make_loader", "selection_fingerprint", "view_channels"]
 
 
 def selection_fingerprint(table: pa.Table) -> str:
@@ -319,3 +319,109 @@ def decode_crop_on_device(batch: dict, out_hw: tuple[int, int], device: torch.de
     flip = batch["flip"].to(device, non_blocking=True)
     out = torch.where(flip.view(-1, 1, 1, 1), out.flip(-1), out)
     return out.float().div_(255.0)
+
+
+class DevicePrefetcher:
+    """Yields ``(batch, prepare(batch))``, preparing the next batches' device tensors while the current step runs.
+
+    On CUDA a background thread runs ``prepare`` (host-to-device copy, nvJPEG decode and crop, normalisation) on
+    its own stream, up to ``depth`` batches ahead, and the consumer's stream waits on an event instead of the host
+    waiting: preparation overlaps the model's kernels instead of queueing behind them. (nvJPEG's decode returns
+    to the host before its output is used, so on the training stream it drained the GPU's queue every step.)
+    Elsewhere, or with ``threaded=False``, ``prepare`` runs inline.
+    """
+
+    _END = object()
+
+    def __init__(self, batches, prepare: Callable[[dict], tuple[torch.Tensor, ...]], device: torch.device,
+                 depth: int = 2, threaded: bool | None = None) -> None:
+        import queue
+        import threading
+
+        self.batches, self.prepare, self.device = iter(batches), prepare, device
+        self.threaded = device.type == "cuda" if threaded is None else threaded
+        self.closed = False
+        self.last_wait = 0.0  # seconds the last __next__ waited for data (decoding JPEGs counts as data)
+        if self.threaded:
+            self.queue: queue.Queue = queue.Queue(maxsize=depth)
+            self.stop = threading.Event()
+            self.thread = threading.Thread(target=self._work, name="device-prefetch", daemon=True)
+            self.thread.start()
+
+    def _work(self) -> None:
+        cuda = self.device.type == "cuda"
+        stream = torch.cuda.Stream(self.device) if cuda else None
+        try:
+            if cuda:
+                torch.cuda.set_device(self.device)
+            for batch in self.batches:
+                if self.stop.is_set():
+                    return
+                if cuda:
+                    with torch.cuda.stream(stream):
+                        prepared = self.prepare(batch)
+                        ready = torch.cuda.Event()
+                        ready.record(stream)
+                else:
+                    prepared, ready = self.prepare(batch), None
+                self._put((batch, prepared, ready))
+            self._put(self._END)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which raises it
+            self._put(exc)
+
+    def _put(self, item) -> None:
+        import queue
+
+        while not self.stop.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        import time
+
+        started = time.perf_counter()
+        if not self.threaded:
+            batch = next(self.batches)
+            self.last_wait = time.perf_counter() - started
+            prepared = self.prepare(batch)
+            if "jpeg" in batch:
+                self.last_wait = time.perf_counter() - started
+            return batch, prepared
+        item = self.queue.get()
+        self.last_wait = time.perf_counter() - started
+        if item is self._END:
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        batch, prepared, ready = item
+        if ready is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(ready)
+            for tensor in prepared:
+                # Made on the prefetch stream, used on this one: the allocator must not reuse the memory early.
+                tensor.record_stream(current)
+        return batch, prepared
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Stop the thread (it may be blocked on a full queue or on the loader); idempotent."""
+        if self.closed or not self.threaded:
+            self.closed = True
+            return
+        import queue
+        import time
+
+        self.closed = True
+        self.stop.set()
+        deadline = time.monotonic() + timeout_s  # a loader that never yields again must not hang the exit
+        while self.thread.is_alive() and time.monotonic() < deadline:
+            try:
+                self.queue.get(timeout=0.1)
+            except queue.Empty:
+                pass
+            self.thread.join(timeout=0.1)

@@ -38,7 +38,15 @@ from training.checkpoint import (
 )
 from training.config import TrainingConfig, config_toml
 from training.distributed import Dist, abort, all_mean, bcast, init_distributed, is_distributed, mpi_world
-from training.loader import BatchViews, PairBatches, StepPlan, make_loader, selection_fingerprint, view_channels
+from training.loader import (
+    BatchViews,
+    DevicePrefetcher,
+    PairBatches,
+    StepPlan,
+    make_loader,
+    selection_fingerprint,
+    view_channels,
+)
 from training.model import ModelError, VICReg, check_arch, embedding_std, vicreg_loss
 from training.optim import build_optimizer, lr_schedule
 from training.plots import plot_loss, read_jsonl
@@ -397,19 +405,16 @@ class Trainer:
             bar = tqdm(total=stop_at, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr)
         window_start, window_wait, window_steps = time.perf_counter(), 0.0, 0
         iterator = iter(loader)
+        prefetch = DevicePrefetcher(iterator, self.views, self.dist.device)
         step = start
         pending = None  # the previous step's health flags, still in flight
         stop_signal = 0
         try:
             while step < stop_at:
-                t0 = time.perf_counter()
-                batch = next(iterator)
+                batch, (first, second) = next(prefetch)
                 if batch["step"] != step:
                     raise RuntimeError(f"loader gave step {batch['step']}, expected {step}")
-                wait = time.perf_counter() - t0  # the loader; the device-side views below are compute,
-                first, second = self.views(batch)
-                if "jpeg" in batch:  # except the nvJPEG decode, which is data preparation
-                    wait = time.perf_counter() - t0
+                wait = prefetch.last_wait  # the loader, and the nvJPEG decode; not the other device-side views
                 lr = float(self.lrs[step])
                 # Model randomness (drop path) from (seed, step, rank): a resumed step draws what it would have.
                 torch.manual_seed((c.train.seed * 1_000_003 + step) * 4099 + self.dist.rank)
@@ -453,6 +458,7 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
+            prefetch.close()
             # Workers ignore SIGTERM (see make_loader), so they must be told to stop, not left to exit handlers.
             shutdown = getattr(iterator, "_shutdown_workers", None)
             if shutdown is not None:
