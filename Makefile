@@ -3,13 +3,16 @@ PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
 DEMO   := demo
-FRAMES ?= 60
+FRAMES ?= 160
 WORKERS ?= $(shell nproc)
 # Tiny ViTs for a few epochs on 2 ranks: the whole training path (MPI, gloo, loader, checkpoints) in about a minute.
 DEMO_TRAIN ?= --set data.dataset=$(DEMO)/dataset --set run.dir=$(DEMO)/run --set data.ir_size=[48,64] \
   --set data.workers=1 --set model.rgb_arch=vit_tiny_patch16_224 --set model.ir_arch=vit_tiny_patch16_224 \
   --set model.depth=2 --set model.expander=[256,256] --set train.batch_size=16 --set train.epochs=20 \
   --set optim.warmup_epochs=1 --set train.checkpoint_every=5 --set train.log_every=2 --set train.precision=fp32
+
+# A few hundred samples: k-NN with k up to 20, Zarr chunks small enough that both embed ranks get some.
+DEMO_ANALYSIS ?= [embed]\nchunk_rows = 64\nworkers = 1\n[knn]\nk = [5, 10, 20]\n
 
 .PHONY: install demo test test-fast bench clean-demo
 
@@ -36,6 +39,9 @@ demo: install
 	$(BIN)/catalog select $(DEMO)/dataset --where "is_sky AND is_day" --out $(DEMO)/sky_day.parquet
 	$(BIN)/training init-config > $(DEMO)/train.toml
 	PATH=$(CURDIR)/$(BIN):$$PATH mpiexec -n 2 training run --config $(DEMO)/train.toml $(DEMO_TRAIN)
+	printf '$(DEMO_ANALYSIS)' > $(DEMO)/analysis.toml
+	PATH=$(CURDIR)/$(BIN):$$PATH mpiexec -n 2 analysis embed $(DEMO)/run --config $(DEMO)/analysis.toml
+	$(BIN)/analysis all $(DEMO)/run --config $(DEMO)/analysis.toml
 
 test: install
 	$(BIN)/python -m pytest -q
@@ -48,6 +54,7 @@ bench: install
 	$(BIN)/python bench/catalog.py
 	$(BIN)/python bench/selection.py
 	$(BIN)/python bench/train.py
+	$(BIN)/python bench/analysis.py
 
 clean-demo:
 	rm -rf $(DEMO)

@@ -23,11 +23,14 @@ def run_evolution(analysis, force: bool = False) -> dict:
     run = analysis.run
     path = run.analysis_dir / "evolution.json"
     names = ([RANDOM] if analysis.config.baseline else []) + run.checkpoint_names()
+    checkpoints = {name: run.checkpoint(name) for name in names}
+    # `last` first: it is usually embedded already and is the same file as the final epoch_NNNN.
+    names.sort(key=lambda name: name != "last")
     seen: dict[str, dict] = {}
     points = []
     previous = read_json(path) or {}
     for name in names:
-        checkpoint = run.checkpoint(name)
+        checkpoint = checkpoints[name]
         if checkpoint.sha256 in seen:
             points.append({**seen[checkpoint.sha256], "checkpoint": name})
             continue
@@ -39,7 +42,7 @@ def run_evolution(analysis, force: bool = False) -> dict:
             analysis.ensure_embeddings(name)
             knn = analysis.knn(name, force=False)
             retrieval = analysis.retrieval(name, force=False)
-            cluster = analysis.cluster(name, force=False)
+            cluster = analysis.cluster(name, force=False, examples=name in analysis.checkpoints_for_report())
             point = {"checkpoint_sha256": checkpoint.sha256, "epoch": checkpoint.epoch, "step": checkpoint.step,
                      "knn_k": _headline_k(knn), "knn": {}, "retrieval": {}, "silhouette": {}}
             for label, entry in knn["labels"].items():
@@ -50,7 +53,7 @@ def run_evolution(analysis, force: bool = False) -> dict:
                 point["retrieval"] = {"rgb_to_ir": retrieval["rgb_to_ir"]["1"], "ir_to_rgb": retrieval["ir_to_rgb"]["1"],
                                       "chance": retrieval["chance"]["1"]}
             point["silhouette"] = {space: item.get("silhouette_mean") for space, item in cluster.get("spaces", {}).items()}
-        point = {**point, "checkpoint": name}
+        point = {**point, "checkpoint": name, "epoch": checkpoint.epoch, "step": checkpoint.step}
         seen[checkpoint.sha256] = point
         points.append(point)
     points.sort(key=lambda p: (p["epoch"] if p["epoch"] is not None else np.inf, p["checkpoint"] != "last"))

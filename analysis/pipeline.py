@@ -84,7 +84,9 @@ class Analysis:
             return _read(path)
         return run_retrieval(emb, path.parent, self.metadata(emb), self.config.knn.test_split, log=self.log)
 
-    def cluster(self, checkpoint: str, force: bool = True) -> dict:
+    def cluster(self, checkpoint: str, force: bool = True, examples: bool = True) -> dict:
+        import dataclasses
+
         from analysis.cluster import run_clusters
 
         emb = self.embeddings(checkpoint)
@@ -92,8 +94,9 @@ class Analysis:
         if not force and is_fresh(path, emb.identity):
             return _read(path)
         self.pca(checkpoint, force=False)
-        return run_clusters(emb, path.parent, self.config.cluster, seed=self.config.seed, dataset=self.dataset,
-                            log=self.log)
+        config = self.config.cluster if examples else dataclasses.replace(self.config.cluster, examples=0)
+        return run_clusters(emb, path.parent, config, seed=self.config.seed, dataset=self.dataset,
+                            log=self.log, progress=self.progress)
 
     def tsne(self, checkpoint: str, force: bool = True) -> dict:
         from analysis.tsne import run_tsne
@@ -103,7 +106,8 @@ class Analysis:
         if not force and is_fresh(path, emb.identity):
             return _read(path)
         self.pca(checkpoint, force=False)
-        return run_tsne(emb, path.parent, self.config.tsne, seed=self.config.seed, dataset=self.dataset, log=self.log)
+        return run_tsne(emb, path.parent, self.config.tsne, seed=self.config.seed, dataset=self.dataset, log=self.log,
+                        progress=self.progress)
 
     def attention(self, checkpoint: str, keys: list[str] | None = None, where: str | None = None,
                   force: bool = True) -> dict:
