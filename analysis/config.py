@@ -6,6 +6,7 @@ resolved config is written to ``RUN/analysis/config.toml`` by every command that
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from catalog.runinfo import dump_config, load_config
@@ -21,14 +22,21 @@ LABELS = ("is_sky", "is_day", "vsn", "position")
 class EmbedConfig:
     where: str = "TRUE"  # SQL over `samples`: which samples to embed (k-NN needs both train and test splits)
     batch_size: int = 64
-    workers: int = 2
+    # DataLoader workers per rank; -1: this node's cores / its ranks, less one for the rank's own threads. A GPU
+    # embeds several thousand pairs/s, so the workers (reading bytes, cropping IR) must be many.
+    workers: int = -1
     chunk_rows: int = 4096  # rows per Zarr chunk: 4096 x 384 float32 = 6 MB; each rank writes whole chunks
     decode: str = "auto"  # 'cpu', 'gpu' (nvJPEG), or 'auto': gpu when the device is CUDA
     projections: bool = True  # also store the expander outputs (the space VICReg aligns; retrieval uses it)
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.workers < 0 or self.chunk_rows < 1:
-            raise ValueError("embed.batch_size and embed.chunk_rows must be >= 1, embed.workers >= 0")
+        if self.batch_size < 1 or self.workers < -1 or self.chunk_rows < 1:
+            raise ValueError("embed.batch_size and embed.chunk_rows must be >= 1, embed.workers >= -1 (-1: auto)")
+
+    def worker_count(self, ranks_on_node: int) -> int:
+        if self.workers >= 0:
+            return self.workers
+        return max(1, (os.cpu_count() or 1) // max(ranks_on_node, 1) - 1)
         if self.decode not in ("auto", "cpu", "gpu"):
             raise ValueError(f"embed.decode must be 'auto', 'cpu' or 'gpu', got {self.decode!r}")
 

@@ -217,7 +217,7 @@ def _embed_my_chunks(run: RunDir, verdict: dict, cfg: EmbedConfig, rank: int, wo
         for b in range(start, stop, cfg.batch_size):
             batches.append(((c, b - start), np.arange(b, min(b + cfg.batch_size, stop))))
     reader = SelectionReader(selection, Path(verdict["dataset"]))
-    loader = make_loader(RowBatches(reader, batches, data, m.mode, data.ir_mean), cfg.workers, 4,
+    loader = make_loader(RowBatches(reader, batches, data, m.mode, data.ir_mean), cfg.worker_count(local_size), 4,
                          pin_memory=device.type == "cuda")
     names = [name for name in ("rgb", "ir", "rgb_z", "ir_z") if name in group.array_keys()]
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and torch.cuda.is_bf16_supported()

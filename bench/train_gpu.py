@@ -151,16 +151,30 @@ def model_only(steps: int) -> dict:
             "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__}
 
 
-def analysis_embed(run_dir: Path, dataset: Path, decode: str, workers: int) -> dict:
-    """`analysis embed` of every sample of ``dataset`` with the run's last checkpoint: its steady pairs/s."""
+def analysis_embed(run_dir: Path, dataset: Path, decode: str, workers: int, checkpoint: str = "last") -> dict:
+    """`analysis embed` of every sample of ``dataset`` with the run's ``checkpoint``: its steady pairs/s."""
     from analysis.config import EmbedConfig
     from analysis.embed import embed
 
     shutil.rmtree(run_dir / "embeddings", ignore_errors=True)
     config = EmbedConfig(batch_size=BATCH, workers=workers, decode=decode, chunk_rows=4096)
-    result = embed(run_dir, "last", where="TRUE", config=config, dataset=str(dataset), progress=False)
+    result = embed(run_dir, checkpoint, where="TRUE", config=config, dataset=str(dataset), progress=False)
     return {"decode": decode, "workers": workers, "rows": result.rows, "seconds": result.seconds,
             "steady": result.steady_pairs_per_s}
+
+
+def embed_run_dir(root: Path, dataset: Path) -> Path:
+    """A run directory with only a config (ViT-S pair, expanders as above): `analysis embed --checkpoint random`
+    measures the embed path without training anything first."""
+    from training.config import DataConfig, ModelConfig, TrainingConfig, config_toml
+
+    run_dir = root / "embed-gpu-run"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    config = TrainingConfig(data=DataConfig(dataset=str(dataset), ir_mean=10.0, ir_std=20.0),
+                            model=ModelConfig(expander=(2048, 2048, 2048)))
+    (run_dir / "config.toml").write_text(config_toml(config))
+    return run_dir
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -171,6 +185,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu-workers", type=int, default=8, help="loader workers with data.decode = gpu")
     parser.add_argument("--embed-frames", type=int, default=4096,
                         help="frames per node of the (quarter-scale) dataset `analysis embed` reads; 0: skip")
+    parser.add_argument("--embed-workers", type=int, default=max((os.cpu_count() or 16) - 2, 1),
+                        help="loader workers of `analysis embed` with decode = gpu (they read bytes and crop IR)")
+    parser.add_argument("--embed-scale", type=float, default=0.25, help="source scale of the embed dataset")
+    parser.add_argument("--only-embed", action="store_true",
+                        help="measure only `analysis embed` (random-init weights) against the model-only rate")
     parser.add_argument("--summary", help="also write the recorded lines here (markdown)")
     args = parser.parse_args(argv)
 
@@ -179,20 +198,25 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("bench/train_gpu.py needs a CUDA GPU", file=sys.stderr)
         return 2
-    dataset, lines = build_dataset(OUT / f"train-gpu-{args.frames}", args.frames, args.workers)
-    agreement = decode_agreement(dataset)
-    lines.append(f"data.decode = gpu (nvJPEG + roi_align) vs cpu (Pillow draft + resize) crops of one batch: mean "
-                 f"|difference| {agreement:.4f} of full scale (target < 0.03)")
-    results = [end_to_end(dataset, "cpu", args.workers, args.steps, OUT / "train-gpu-run-cpu"),
-               end_to_end(dataset, "gpu", args.gpu_workers, args.steps, OUT / "train-gpu-run-gpu")]
-    embeds = []
+    lines, results, embeds = [], [], []
+    if not args.only_embed:
+        dataset, lines = build_dataset(OUT / f"train-gpu-{args.frames}", args.frames, args.workers)
+        agreement = decode_agreement(dataset)
+        lines.append(f"data.decode = gpu (nvJPEG + roi_align) vs cpu (Pillow draft + resize) crops of one batch: mean "
+                     f"|difference| {agreement:.4f} of full scale (target < 0.03)")
+        results = [end_to_end(dataset, "cpu", args.workers, args.steps, OUT / "train-gpu-run-cpu"),
+                   end_to_end(dataset, "gpu", args.gpu_workers, args.steps, OUT / "train-gpu-run-gpu")]
     if args.embed_frames:
-        embed_dataset, embed_lines = build_dataset(OUT / f"embed-gpu-{args.embed_frames}", args.embed_frames,
-                                                   args.workers, scale=0.25)
+        embed_dataset, embed_lines = build_dataset(OUT / f"embed-gpu-{args.embed_frames}-{args.embed_scale:g}",
+                                                   args.embed_frames, args.workers, scale=args.embed_scale)
         lines += embed_lines
-        run_dir = OUT / "train-gpu-run-gpu"
-        embeds = [analysis_embed(run_dir, embed_dataset, "gpu", args.gpu_workers),
-                  analysis_embed(run_dir, embed_dataset, "cpu", args.workers)]
+        if args.only_embed:
+            run_dir, checkpoint = embed_run_dir(OUT, embed_dataset), "random"
+        else:
+            run_dir, checkpoint = OUT / "train-gpu-run-gpu", "last"
+        embeds = [analysis_embed(run_dir, embed_dataset, "gpu", args.embed_workers, checkpoint),
+                  analysis_embed(run_dir, embed_dataset, "gpu", args.embed_workers, checkpoint),
+                  analysis_embed(run_dir, embed_dataset, "cpu", args.workers, checkpoint)]
     model = model_only(args.steps)
     limit = model["train_pairs_per_s"]
     lines.insert(0, f"GPU: {model['gpu']}, torch {model['torch']}, bf16 autocast, batch {BATCH}, ViT-S/16 RGB 240x320 + "
