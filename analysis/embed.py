@@ -253,18 +253,40 @@ def _write_chunk(group, names: list[str], chunk: int, start: int, stop: int, arr
 def _write_chunks(prefetch, model, autocast, group, names, n, chunk_rows, all_keys, path, bar):
     """Embed every prepared batch; write each chunk, then its done flag, once all its rows are in.
 
-    Returns (time the first batch was done, its rows), from which the steady rate is measured."""
-    import torch
-
+    A chunk's outputs stay on the device until the chunk is full and come back in one copy: a copy per batch
+    would make the host wait for every batch and leave the GPU idle while the next one is launched.
+    Returns (time the first batch arrived, 0), from which the steady rate is measured."""
     from concurrent.futures import ThreadPoolExecutor
 
-    first_batch = None
+    import torch
+
     writer = ThreadPoolExecutor(max_workers=2, thread_name_prefix="zarr-writer")
     pending: list = []
-    buffers: dict[int, dict[str, np.ndarray]] = {}
+    parts: dict[int, dict[str, list]] = {}
     filled: dict[int, int] = {}
+    dtypes = {name: torch.float16 if group[name].dtype == np.float16 else torch.float32 for name in names}
+    try:
+        first_batch = _embed_batches(prefetch, model, autocast, group, names, n, chunk_rows, all_keys, path, bar,
+                                     writer, pending, parts, filled, dtypes)
+    finally:
+        # Chunks already handed to the writer are finished even when embedding fails: their done flags are true.
+        writer.shutdown(wait=True)
+    for future in pending:
+        future.result()
+    if parts:
+        raise AnalysisError(f"{path}: chunks {sorted(parts)} were not filled (loader ended early)")
+    return first_batch
+
+
+def _embed_batches(prefetch, model, autocast, group, names, n, chunk_rows, all_keys, path, bar, writer, pending,
+                   parts, filled, dtypes):
+    import torch
+
+    first_batch = None
     with torch.inference_mode():
         for batch, (first, second) in prefetch:
+            if first_batch is None:
+                first_batch = (time.perf_counter(), 0)
             c, offset = batch["tag"]
             with autocast:
                 h_rgb = model.rgb_backbone(first)
@@ -273,29 +295,22 @@ def _write_chunks(prefetch, model, autocast, group, names, n, chunk_rows, all_ke
                 if "rgb_z" in names:
                     out["rgb_z"], out["ir_z"] = model.rgb_expander(h_rgb), model.ir_expander(h_ir)
             start, stop = c * chunk_rows, min((c + 1) * chunk_rows, n)
-            if c not in buffers:
-                buffers[c] = {name: np.empty((stop - start, group[name].shape[1]), dtype=group[name].dtype)
-                              for name in names}
-                filled[c] = 0
             rows = len(batch["keys"])
             if list(batch["keys"]) != list(all_keys[start + offset : start + offset + rows]):
                 raise AnalysisError(f"{path}: rows {start + offset}.. do not hold the catalog's keys (catalog changed?)")
+            if offset != filled.get(c, 0):
+                raise AnalysisError(f"{path}: chunk {c} got rows out of order (offset {offset})")
+            chunk = parts.setdefault(c, {name: [] for name in names})
             for name in names:
-                buffers[c][name][offset : offset + rows] = out[name].float().cpu().numpy()
-            filled[c] += rows
-            if first_batch is None:
-                first_batch = (time.perf_counter(), rows)
+                chunk[name].append(out[name].to(dtypes[name]))
+            filled[c] = filled.get(c, 0) + rows
             if bar is not None:
                 bar.update(rows)
             if filled[c] == stop - start:
+                arrays = {name: torch.cat(chunk[name]).cpu().numpy() for name in names}
+                del parts[c], filled[c]
                 # Compressing and writing a chunk takes a while: a writer thread does it while the GPU goes on.
-                pending.append(writer.submit(_write_chunk, group, names, c, start, stop, buffers.pop(c)))
-                del filled[c]
+                pending.append(writer.submit(_write_chunk, group, names, c, start, stop, arrays))
                 while pending and pending[0].done():
                     pending.pop(0).result()
-    for future in pending:
-        future.result()
-    writer.shutdown()
-    if buffers:
-        raise AnalysisError(f"{path}: chunks {sorted(buffers)} were not filled (loader ended early)")
     return first_batch
