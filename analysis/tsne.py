@@ -1,0 +1,562 @@
+"""`analysis tsne`: 2-D openTSNE maps of the PCA features, coloured by catalog metadata, and a map that links each
+sample's RGB and IR expander outputs.
+
+openTSNE (FFT gradients, 250 early-exaggeration + 500 iterations, PCA initialisation: its defaults) runs on
+``pca.zarr``'s ``<space>/features``, for ``joint``, ``rgb`` and ``ir``: every row up to ``tsne.max_points``, else one
+seeded random sample of that many rows (the same rows for every space, so the maps are comparable). The k nearest
+neighbours (k = 3 x perplexity, openTSNE's own rule) are exact and handed to openTSNE as ``PrecomputedNeighbors``:
+:func:`pruned_neighbours` (k-means cells + the triangle inequality skip the pairs that cannot be neighbours),
+falling back to every pair (:func:`analysis.neighbours.topk_neighbours`) when the data has no cluster structure.
+Measured on the 2-core machine, 100k x 50 blobs, k = 90: pruned 11.5 s against 64 s for every pair (openTSNE's
+Annoy: 43 s in the anchors note; 12.1 s against 3.4 s pruned at 30k); the whole map 131.5 s (kNN 11.5 + affinities
+3.9 + 750 iterations 114.4), where openTSNE with Annoy took 160 s.
+
+Writes into the checkpoint's results directory:
+
+- ``tsne.parquet``: key, space, row (index into the embeddings), x, y; one row per embedded sample and space.
+- ``tsne_<space>.png``: one panel per metadata column (is_sky, is_day, vsn, position, split, month, cloud_class when
+  the synthetic truth exists, hour_local).
+- ``tsne_link.png``: up to ``tsne.link_pairs`` samples' L2-normalised ``rgb_z`` and ``ir_z`` rows stacked, PCA'd and
+  embedded into one map; a thin line joins each sample's two points.
+- ``tsne.json`` (last, atomically): what was computed, from which embeddings, and how long it took.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from analysis.config import TSNEConfig
+from analysis.runs import AnalysisError
+from analysis.store import Embeddings, write_json
+
+__all__ = ["tsne_embed", "run_tsne", "pruned_neighbours", "link_distances", "plot_space", "TSNE_SPACES",
+           "PANEL_COLUMNS"]
+
+TSNE_SPACES = ("joint", "rgb", "ir")  # the order maps are made in
+PANEL_COLUMNS = ("is_sky", "is_day", "vsn", "position", "split", "month", "cloud_class", "hour_local")
+EARLY_EXAGGERATION_ITER = 250  # openTSNE's defaults
+N_ITER = 500
+MAX_LEGEND = 20  # categories named in a legend; the rest are drawn but summarised as "+N more"
+# Below this many points openTSNE runs on one thread whatever n_jobs says: an iteration is then a few ms of work, and
+# two threads that must meet at every iteration's barrier were measured 2-50x slower on a loaded 2-core machine
+# (106 points: 0.7 s on one thread, 8-33 s on two).
+SERIAL_BELOW = 10_000
+
+
+# -- t-SNE -----------------------------------------------------------------------------------------------------
+
+def _openmp_jobs(n_jobs: int) -> int:
+    """The project's n_jobs (0 = every core) as openTSNE's (-1 = every core)."""
+    return -1 if n_jobs <= 0 else int(n_jobs)
+
+
+def _neighbours(x: np.ndarray, k: int, n_jobs: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Exact euclidean kNN of every row among the others: (indices, distances float64, details), n x k, nearest
+    first. Cluster-pruned (:func:`pruned_neighbours`) when that pays, else
+    :func:`analysis.neighbours.topk_neighbours` over every pair."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    from analysis.neighbours import topk_neighbours
+
+    threads = torch.get_num_threads()
+    found = None
+    try:
+        if len(x) >= PRUNE_FROM:
+            # One thread: the pruned search is many small products and top-ks, and two threads meeting at each
+            # one's barrier were measured 2-3x slower on a loaded 2-core machine (100k blobs: 9 s against 20-27 s).
+            torch.set_num_threads(1)
+            with threadpool_limits(limits=1, user_api="blas"):
+                found = pruned_neighbours(x, k, seed)
+        if found is None:
+            torch.set_num_threads(n_jobs if n_jobs > 0 else threads)
+            distances, indices = topk_neighbours(x, x, k, metric="euclidean", exclude_self=True,
+                                                 query_chunk=int(np.clip((1 << 26) // max(len(x), 1), 64, 4096)))
+            found = indices, distances, {"knn_method": "all pairs"}
+    finally:
+        torch.set_num_threads(threads)
+    indices, distances, details = found
+    return indices, distances.astype(np.float64), details
+
+
+PRUNE_FROM = 20_000  # below this, every pair is a few seconds at most
+PRUNE_MAX_SCANNED = 0.35  # fall back to every pair when the pruned search would still scan more of them
+CELL_DIVISOR = 4.0  # sqrt(n) / 4 cells: 79 of about 1,300 rows at 100k
+
+
+def pruned_neighbours(x: np.ndarray, k: int, seed: int = 0, probe: int = 8,
+                      max_scanned: float = PRUNE_MAX_SCANNED) -> tuple[np.ndarray, np.ndarray, dict] | None:
+    """Exact k nearest neighbours (euclidean, self excluded) that skips the pairs no neighbour can be in.
+
+    The rows are cut into about sqrt(n)/2 k-means cells (centre c, radius R = the farthest member). For the
+    queries of one cell, d_k (each query's k-th distance among its own and the nearest cells) bounds its true k-th
+    distance from above, and every point of cell j is at least |q - c_j| - R_j away, so only the cells with
+    |q - c_j| - R_j <= d_k for some query can hold a neighbour: one matrix product and one top-k over those
+    columns. Same answer as all pairs (up to ties); on clustered data (blobs, SSL embeddings) it reads a few per
+    cent of the pairs. Returns None, after probing ``probe`` cells, when it would read more than ``max_scanned``
+    of all pairs (structureless data): then every pair is cheaper.
+    """
+    import torch
+    from sklearn.cluster import MiniBatchKMeans
+
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n, dim = x.shape
+    if n <= k + 1:
+        return None
+    rng = np.random.default_rng([seed, 2])
+    cells = int(np.clip(round(np.sqrt(n) / CELL_DIVISOR), 2, 1024))
+    fit = rng.choice(n, min(n, 30 * cells), replace=False)
+    centres = MiniBatchKMeans(n_clusters=cells, batch_size=4096, n_init=1, max_iter=10,
+                              random_state=seed).fit(x[fit]).cluster_centers_.astype(np.float32)
+    label = np.empty(n, dtype=np.int64)
+    centre_sq = np.einsum("ij,ij->i", centres, centres)
+    for start in range(0, n, 8192):
+        label[start : start + 8192] = np.argmin(centre_sq - 2 * x[start : start + 8192] @ centres.T, axis=1)
+    order = np.argsort(label, kind="stable")
+    xs = x[order]
+    bounds = np.searchsorted(label[order], np.arange(cells + 1))
+    live = np.flatnonzero(np.diff(bounds) > 0)
+    sizes = np.diff(bounds)[live]
+    # Exact centres and radii of the final cells, in float64.
+    centre = np.stack([xs[bounds[j] : bounds[j + 1]].mean(axis=0, dtype=np.float64) for j in live])
+    radius = np.array([np.sqrt(((xs[bounds[j] : bounds[j + 1]] - centre[i]) ** 2).sum(axis=1).max())
+                       for i, j in enumerate(live)])
+    sq = np.einsum("ij,ij->i", xs, xs)
+    base = np.empty((dim + 1, n), dtype=np.float32)  # score = 2 q.b - |b|^2 = |q|^2 - |q - b|^2: one product
+    base[:dim] = xs.T
+    base[dim] = -sq
+    between = np.sqrt(np.maximum(np.einsum("ij,ij->i", centre, centre)[:, None]
+                                 + np.einsum("ij,ij->i", centre, centre)[None] - 2 * centre @ centre.T, 0))
+    tolerance = 1e-5 * (sq.max() + 1.0)  # float32 rounding of the scores, in squared distance
+
+    def columns(cells_: np.ndarray) -> np.ndarray:
+        cells_ = np.sort(cells_)
+        return np.concatenate([np.arange(bounds[live[c]], bounds[live[c] + 1]) for c in cells_])
+
+    chunk = int(np.clip((1 << 26) // n, 64, 2048))  # query rows per product: at most 256 MB of scores
+
+    def queries(cell: int):
+        lo, hi = bounds[live[cell]], bounds[live[cell] + 1]
+        for start in range(lo, hi, chunk):
+            yield start, min(start + chunk, hi)
+
+    def scores(lo: int, hi: int, cols: np.ndarray) -> np.ndarray:
+        q = np.empty((hi - lo, dim + 1), dtype=np.float32)
+        q[:, :dim] = 2 * xs[lo:hi]
+        q[:, dim] = 1
+        sim = q @ base[:, cols]
+        own = np.searchsorted(cols, np.arange(lo, hi))
+        hit = own < len(cols)
+        hit[hit] = cols[own[hit]] == np.arange(lo, hi)[hit]
+        sim[np.flatnonzero(hit), own[hit]] = -np.inf  # a row is not its own neighbour
+        return sim
+
+    def plan(cell: int, lo: int, hi: int) -> np.ndarray:
+        """The cells that may hold a neighbour of queries lo..hi (of cell ``cell``)."""
+        near, total = [], 0
+        for other in np.argsort(between[cell], kind="stable"):
+            near.append(other)
+            total += sizes[other]
+            if total > k + 1:
+                break
+        sim = scores(lo, hi, columns(np.asarray(near)))
+        kth = torch.topk(torch.from_numpy(sim), k, dim=1, sorted=False).values.amin(dim=1).numpy()
+        reach = np.sqrt(np.maximum(sq[lo:hi] - kth, 0) + tolerance)
+        q = xs[lo:hi].astype(np.float64)
+        to_centre = np.sqrt(np.maximum(np.einsum("ij,ij->i", q, q)[:, None] + np.einsum("ij,ij->i", centre, centre)[None]
+                                       - 2 * q @ centre.T, 0))
+        return np.union1d(np.flatnonzero((to_centre - radius[None] <= reach[:, None]).any(axis=0)), near)
+
+    # Probe: how much would pruning read?
+    probe_cells = rng.choice(len(live), min(probe, len(live)), replace=False)
+    read = sum((hi - lo) * sizes[plan(c, lo, hi)].sum() for c in probe_cells for lo, hi in queries(c))
+    if read / sizes[probe_cells].sum() / n > max_scanned:
+        return None
+    indices = np.empty((n, k), dtype=np.int64)
+    distances = np.empty((n, k), dtype=np.float32)
+    scanned = 0
+    for cell in range(len(live)):
+        for lo, hi in queries(cell):
+            cols = columns(plan(cell, lo, hi))
+            sim = scores(lo, hi, cols)
+            top, where = torch.topk(torch.from_numpy(sim), k, dim=1)
+            rows = order[lo:hi]
+            indices[rows] = order[cols[where.numpy()]]
+            distances[rows] = np.sqrt(np.maximum(sq[lo:hi, None] - top.numpy(), 0))
+            scanned += (hi - lo) * len(cols)
+    return indices, distances, {"knn_method": "cluster-pruned", "knn_cells": int(len(live)),
+                                "knn_scanned": round(float(scanned) / n / n, 4)}
+
+
+def _embed(features: np.ndarray, perplexity: float, n_jobs: int, seed: int, progress: str | None = None,
+           knn: str = "exact") -> tuple[np.ndarray, dict]:
+    """(n x 2 map, details: effective perplexity, k, seconds per stage, final KL divergence)."""
+    from openTSNE import TSNE
+    from openTSNE.affinity import PerplexityBasedNN
+    from openTSNE.nearest_neighbors import PrecomputedNeighbors
+
+    x = np.ascontiguousarray(features, dtype=np.float32)
+    n = len(x)
+    if x.ndim != 2:
+        raise ValueError(f"features must be 2-D, got shape {x.shape}")
+    if perplexity <= 0:
+        raise ValueError(f"perplexity must be > 0, got {perplexity}")
+    if n < 4:  # nothing to lay out: a line, so a caller never special-cases a tiny selection
+        return np.column_stack([np.arange(n, dtype=np.float32), np.zeros(n, np.float32)]), {
+            "perplexity": None, "k": 0, "knn_seconds": 0.0, "affinity_seconds": 0.0, "optimise_seconds": 0.0,
+            "kl_divergence": None}
+    # openTSNE's rule, k = 3 x perplexity, clipped so that a small n keeps k < n and perplexity <= k / 3.
+    k = max(min(n - 1, int(3 * perplexity)), 1)
+    perplexity = min(float(perplexity), k / 3)
+    if n < SERIAL_BELOW:
+        n_jobs = 1
+    jobs = _openmp_jobs(n_jobs)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=EARLY_EXAGGERATION_ITER + N_ITER, desc=progress, unit="it", dynamic_ncols=True)
+        bar.set_postfix_str(f"{k}-NN of {n}")
+    try:
+        t0 = time.perf_counter()
+        knn_details = {}
+        if knn == "exact":
+            indices, distances, knn_details = _neighbours(x, k, n_jobs, seed)
+            t1 = time.perf_counter()
+            affinities = PerplexityBasedNN(perplexity=perplexity, n_jobs=jobs, random_state=seed,
+                                           knn_index=PrecomputedNeighbors(indices, distances))
+        elif knn == "annoy":  # openTSNE's own approximate index (kept for comparisons)
+            affinities = PerplexityBasedNN(x, perplexity=perplexity, method="annoy", k_neighbors=k, n_jobs=jobs,
+                                           random_state=seed)
+            t1 = time.perf_counter()  # index and affinities are one call here: all counted as kNN
+        else:
+            raise ValueError(f"knn must be 'exact' or 'annoy', got {knn!r}")
+        t2 = time.perf_counter()
+        if bar is not None:
+            bar.set_postfix_str("optimising")
+        callbacks, every = None, 50
+        if bar is not None:
+            def tick(iteration, error, embedding):  # noqa: ARG001 - openTSNE's callback signature
+                bar.update(min(every, bar.total - bar.n))
+                return False
+
+            callbacks = [tick]
+        tsne = TSNE(n_components=2, perplexity=perplexity, early_exaggeration_iter=EARLY_EXAGGERATION_ITER,
+                    n_iter=N_ITER, initialization="pca", n_jobs=jobs, random_state=seed, callbacks=callbacks,
+                    callbacks_every_iters=every, verbose=False)
+        embedding = tsne.fit(x, affinities=affinities)
+        t3 = time.perf_counter()
+    finally:
+        if bar is not None:
+            bar.close()
+    details = {"perplexity": perplexity, "k": k, "knn": knn, **knn_details, "knn_seconds": round(t1 - t0, 2),
+               "affinity_seconds": round(t2 - t1, 2), "optimise_seconds": round(t3 - t2, 2),
+               "kl_divergence": float(embedding.kl_divergence) if embedding.kl_divergence is not None else None}
+    return np.asarray(embedding, dtype=np.float32), details
+
+
+def tsne_embed(features: np.ndarray, perplexity: float = 30.0, n_jobs: int = 0, seed: int = 0, *,
+               progress: str | None = None) -> np.ndarray:
+    """openTSNE map of ``features`` (n x d), n x 2 float32.
+
+    openTSNE's defaults (FFT or Barnes-Hut by size, 250 + 500 iterations, PCA initialisation) on exact
+    k = 3 x perplexity neighbours; the perplexity is lowered to (n - 1) / 3 for small n. ``n_jobs`` 0: every core.
+    ``progress``: a tqdm bar with this description.
+    """
+    return _embed(features, perplexity, n_jobs, seed, progress)[0]
+
+
+# -- the link map ----------------------------------------------------------------------------------------------
+
+def link_distances(first: np.ndarray, second: np.ndarray, chunk: int = 1024) -> dict:
+    """Pair i is (first[i], second[i]) in one 2-D map: mean pair distance against the mean over every non-pair
+    (first[i], second[j]), j != i; and how often first[i]'s nearest point of ``second`` is its own partner."""
+    m = len(first)
+    if m < 2:
+        raise ValueError("need at least two pairs")
+    pair = np.linalg.norm(first - second, axis=1)
+    total, nearest = 0.0, 0
+    for start in range(0, m, chunk):
+        block = np.linalg.norm(first[start : start + chunk, None, :] - second[None, :, :], axis=2)
+        total += float(block.sum()) - float(pair[start : start + chunk].sum())
+        nearest += int((block.argmin(axis=1) == np.arange(start, start + len(block))).sum())
+    random = total / (m * (m - 1))
+    return {"pairs": m, "pair_distance": float(pair.mean()), "random_distance": random,
+            "ratio": float(pair.mean()) / random if random > 0 else None,
+            "pair_nearest": nearest / m, "pair_nearest_chance": 1 / m}
+
+
+def _link_map(embeddings: Embeddings, config: TSNEConfig, seed: int, n_jobs: int, out: Path,
+              progress: bool) -> tuple[dict | None, str | None]:
+    """(summary, None), or (None, why the plot was skipped)."""
+    from sklearn.decomposition import PCA
+
+    from analysis.neighbours import l2_normalise
+
+    missing = [name for name in ("rgb_z", "ir_z") if not embeddings.has(name)]
+    if missing:
+        return None, (f"no {' or '.join(missing)} in the embeddings (embedded with embed.projections = false): "
+                      "no link map")
+    if embeddings.n < 2 or config.link_pairs < 2:
+        return None, "fewer than two pairs: no link map"
+    m = min(config.link_pairs, embeddings.n)
+    rows = np.sort(np.random.default_rng([seed, 1]).choice(embeddings.n, m, replace=False))
+    rgb = l2_normalise(embeddings.rows("rgb_z", rows))
+    ir = l2_normalise(embeddings.rows("ir_z", rows))
+    if rgb.shape[1] != ir.shape[1]:
+        return None, f"rgb_z has {rgb.shape[1]} dims and ir_z {ir.shape[1]}: not one space, no link map"
+    stacked = np.concatenate([rgb, ir])
+    components = min(50, stacked.shape[1], len(stacked) - 1)
+    reduced = PCA(n_components=components, random_state=seed).fit_transform(stacked).astype(np.float32)
+    t0 = time.perf_counter()
+    mapped, details = _embed(reduced, config.perplexity, n_jobs, seed, "tsne link" if progress else None)
+    summary = link_distances(mapped[:m], mapped[m:])
+    summary.update({"pca_components": components, "perplexity": details["perplexity"],
+                    "seconds": round(time.perf_counter() - t0, 2), "png": out.name})
+    _plot_link(mapped[:m], mapped[m:], summary, out)
+    return summary, None
+
+
+# -- plots -----------------------------------------------------------------------------------------------------
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _marker_size(n: int) -> float:
+    return float(np.clip(3000.0 / max(n, 1), 0.3, 12.0))
+
+
+def _save(fig, out: Path) -> None:
+    plt = _pyplot()
+    tmp = out.with_name(out.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, out)
+
+
+def _categories(values) -> tuple[list, np.ndarray]:
+    """(category labels, most frequent first but months/booleans in their natural order; codes, -1 = missing)."""
+    import pandas as pd
+
+    series = pd.Series(values, dtype=object)
+    present = series.notna() & series.map(lambda v: not (isinstance(v, float) and np.isnan(v)))
+    labels = series[present].map(_label)
+    counts = labels.value_counts()
+    uniques = list(counts.index)
+    numeric = series[present].map(lambda v: isinstance(v, (int, float, np.number)) and not isinstance(v, bool))
+    if len(uniques) and numeric.all():
+        uniques = sorted(uniques, key=float)
+    elif set(uniques) <= {"True", "False"}:
+        uniques = [u for u in ("True", "False") if u in uniques]
+    elif all(len(u) == 7 and u[4] == "-" for u in uniques):  # YYYY-MM: in time order
+        uniques = sorted(uniques)
+    lookup = {u: i for i, u in enumerate(uniques)}
+    codes = np.full(len(series), -1, dtype=np.int64)
+    codes[present.to_numpy()] = labels.map(lookup).to_numpy()
+    return uniques, codes
+
+
+def _label(value) -> str:
+    if isinstance(value, (float, np.floating)) and float(value).is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def _category_colours(labels: list) -> list:
+    plt = _pyplot()
+    if len(labels) <= 10:
+        cmap = plt.get_cmap("tab10")
+        return [cmap(i) for i in range(len(labels))]
+    if len(labels) <= 20:
+        cmap = plt.get_cmap("tab20")
+        return [cmap(i) for i in range(len(labels))]
+    cmap = plt.get_cmap("turbo")
+    return [cmap(v) for v in np.linspace(0.05, 0.95, len(labels))]
+
+
+def _panel(ax, xy: np.ndarray, values, column: str, order: np.ndarray, size: float) -> None:
+    plt = _pyplot()
+    ax.set_title(column, fontsize=10)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if column == "hour_local":
+        import pandas as pd
+
+        hours = pd.to_numeric(pd.Series(values, dtype=object), errors="coerce").to_numpy(dtype=float)
+        missing = np.isnan(hours)
+        if missing.any():
+            ax.scatter(xy[missing, 0], xy[missing, 1], s=size, c="lightgrey", linewidths=0, rasterized=True)
+        keep = order[~missing[order]]
+        points = ax.scatter(xy[keep, 0], xy[keep, 1], s=size, c=hours[keep], cmap="twilight", vmin=0, vmax=24,
+                            linewidths=0, rasterized=True)  # cyclic: 23 h sits next to 0 h
+        bar = plt.colorbar(points, ax=ax, fraction=0.046, pad=0.02, ticks=[0, 6, 12, 18, 24])
+        bar.ax.tick_params(labelsize=7)
+        return
+    labels, codes = _categories(values)
+    colours = np.array(_category_colours(labels) + [(0.83, 0.83, 0.83, 1.0)])  # last: missing
+    drawn = order  # shuffled, so that no category is always painted over the others
+    ax.scatter(xy[drawn, 0], xy[drawn, 1], s=size, c=colours[codes[drawn]], linewidths=0, rasterized=True)
+    handles = [plt.Line2D([], [], ls="", marker="o", ms=5, color=colours[i], label=str(label))
+               for i, label in enumerate(labels[:MAX_LEGEND])]
+    if (codes < 0).any():
+        handles.append(plt.Line2D([], [], ls="", marker="o", ms=5, color=colours[-1], label="n/a"))
+    if len(labels) > MAX_LEGEND:
+        handles.append(plt.Line2D([], [], ls="", label=f"+{len(labels) - MAX_LEGEND} more"))
+    ax.legend(handles=handles, fontsize=6, markerscale=0.8, loc="best", framealpha=0.7, borderpad=0.3,
+              labelspacing=0.2, handletextpad=0.2, ncol=2 if len(handles) > 10 else 1)
+
+
+def plot_space(xy: np.ndarray, metadata, space: str, out: Path, seed: int = 0, title: str = "") -> Path:
+    """One panel per metadata column present (all points uncoloured when there is no metadata)."""
+    plt = _pyplot()
+    columns = [c for c in PANEL_COLUMNS if metadata is not None and c in metadata.columns]
+    n = len(xy)
+    order = np.random.default_rng(seed).permutation(n)
+    size = _marker_size(n)
+    if not columns:
+        fig, ax = plt.subplots(figsize=(6, 6))
+        ax.scatter(xy[order, 0], xy[order, 1], s=size, c="tab:blue", linewidths=0, rasterized=True)
+        ax.set(xticks=[], yticks=[], title=f"t-SNE {space} (no catalog metadata)")
+        fig.tight_layout()
+        _save(fig, out)
+        return out
+    cols = 4 if len(columns) > 4 else len(columns)
+    rows = -(-len(columns) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.3 * cols, 4.2 * rows), squeeze=False)
+    for ax, column in zip(axes.flat, columns):
+        _panel(ax, xy, metadata[column].tolist(), column, order, size)
+    for ax in list(axes.flat)[len(columns):]:
+        ax.axis("off")
+    fig.suptitle(title or f"t-SNE of the {space} PCA features ({n:,} samples)", fontsize=12)
+    fig.tight_layout()
+    _save(fig, out)
+    return out
+
+
+def _plot_link(rgb: np.ndarray, ir: np.ndarray, summary: dict, out: Path) -> Path:
+    from matplotlib.collections import LineCollection
+
+    plt = _pyplot()
+    m = len(rgb)
+    size = float(np.clip(2 * _marker_size(2 * m), 1.0, 14.0))
+    fig, ax = plt.subplots(figsize=(7.5, 7.5))
+    ax.add_collection(LineCollection(np.stack([rgb, ir], axis=1), colors="grey", linewidths=0.3,
+                                     alpha=0.5 if m <= 1000 else 0.25, rasterized=True, zorder=1))
+    ax.scatter(rgb[:, 0], rgb[:, 1], s=size, c="tab:red", linewidths=0, label="RGB", rasterized=True, zorder=2)
+    ax.scatter(ir[:, 0], ir[:, 1], s=size, c="tab:blue", linewidths=0, label="IR", rasterized=True, zorder=2)
+    ax.set(xticks=[], yticks=[])
+    ax.set_title(f"RGB and IR expander outputs of {m} samples in one t-SNE map\n"
+                 f"pair distance / random pair distance = {summary['ratio']:.3f}; "
+                 f"IR partner is the nearest IR point for {100 * summary['pair_nearest']:.1f}% "
+                 f"(chance {100 * summary['pair_nearest_chance']:.1f}%)", fontsize=9)
+    ax.legend(loc="best", markerscale=2)
+    ax.autoscale()
+    fig.tight_layout()
+    _save(fig, out)
+    return out
+
+
+# -- the command -----------------------------------------------------------------------------------------------
+
+def _metadata(dataset, embeddings: Embeddings, keys: np.ndarray, log):
+    """Catalog metadata of ``keys`` (None, said once, when the dataset is not here)."""
+    from analysis.metadata import sample_metadata
+
+    root = dataset if dataset is not None else embeddings.attrs.get("dataset")
+    if root is None or not Path(root).exists():
+        log(f"tsne: dataset {root!r} not found here: maps are drawn without metadata colours (pass --dataset)")
+        return None
+    return sample_metadata(Path(root), keys)
+
+
+def _sample(n: int, max_points: int, seed: int) -> tuple[np.ndarray, bool]:
+    if max_points < 1:
+        raise AnalysisError(f"tsne.max_points must be >= 1, got {max_points}")
+    if n <= max_points:
+        return np.arange(n, dtype=np.int64), False
+    return np.sort(np.random.default_rng([seed, 0]).choice(n, max_points, replace=False)).astype(np.int64), True
+
+
+def _write_parquet(frames: list[dict], out: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.concat_tables([pa.table({
+        "key": pa.array(f["key"], type=pa.string()),
+        "space": pa.array([f["space"]] * len(f["key"]), type=pa.string()).dictionary_encode(),
+        "row": pa.array(f["row"], type=pa.int64()),
+        "x": pa.array(f["xy"][:, 0], type=pa.float32()),
+        "y": pa.array(f["xy"][:, 1], type=pa.float32()),
+    }) for f in frames]) if frames else pa.table({"key": pa.array([], pa.string())})
+    tmp = out.with_name(out.name + ".tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, out)
+
+
+def run_tsne(embeddings: Embeddings, results_dir: Path, config: TSNEConfig, seed: int = 0, dataset=None,
+             log=print, progress: bool = True) -> dict:
+    """t-SNE maps of every PCA space ("joint", then "rgb", "ir") and the RGB-IR link map; returns tsne.json."""
+    from analysis.pca import open_pca
+
+    results_dir = Path(results_dir)
+    group = open_pca(results_dir)
+    if group.attrs.get("embeddings") != embeddings.identity:
+        raise AnalysisError(f"{results_dir / 'pca.zarr'}: made from other embeddings than {embeddings.path}; "
+                            "run `analysis pca` again")
+    present = set(group.group_keys())
+    spaces = [s for s in TSNE_SPACES if s in present]
+    if not spaces:
+        raise AnalysisError(f"{results_dir / 'pca.zarr'}: no PCA features of {', '.join(TSNE_SPACES)}")
+    n = embeddings.n
+    rows, sampled = _sample(n, config.max_points, seed)
+    keys = embeddings.keys()[rows]
+    if sampled:
+        log(f"tsne: {n:,} samples, more than tsne.max_points = {config.max_points:,}: "
+            f"a seeded random {len(rows):,} of them")
+    metadata = _metadata(dataset, embeddings, keys, log)
+    frames, report, pngs = [], {}, []
+    for space in spaces:
+        features = group[space]["features"]
+        if features.shape[0] != n:
+            raise AnalysisError(f"{results_dir / 'pca.zarr'}: {space} has {features.shape[0]} rows, the embeddings "
+                                f"{n}; run `analysis pca` again")
+        x = np.asarray(features[:] if not sampled else features.oindex[rows, :], dtype=np.float32)
+        t0 = time.perf_counter()
+        xy, details = _embed(x, config.perplexity, config.n_jobs, seed, f"tsne {space}" if progress else None)
+        seconds = time.perf_counter() - t0
+        frames.append({"space": space, "key": list(keys), "row": rows, "xy": xy})
+        png = results_dir / f"tsne_{space}.png"
+        plot_space(xy, metadata, space, png, seed)
+        pngs.append(png.name)
+        report[space] = {"points": int(len(rows)), "sampled": sampled, "seconds": round(seconds, 2),
+                         "features": int(x.shape[1]), **details}
+        log(f"tsne {space}: {len(rows):,} points in {seconds:.0f} s (kNN {details['knn_seconds']:.0f} s, "
+            f"optimisation {details['optimise_seconds']:.0f} s)")
+    _write_parquet(frames, results_dir / "tsne.parquet")
+    link, skipped = _link_map(embeddings, config, seed, config.n_jobs, results_dir / "tsne_link.png", progress)
+    if link is not None:
+        pngs.append(link["png"])
+        log(f"tsne link: {link['pairs']} RGB-IR pairs, mean pair distance {link['pair_distance']:.2f} against "
+            f"{link['random_distance']:.2f} for random pairs (ratio {link['ratio']:.3f})")
+    else:
+        log(f"tsne link: {skipped}")
+    summary = {
+        "embeddings": embeddings.identity, "checkpoint": embeddings.checkpoint, "seed": seed,
+        "config": {"max_points": config.max_points, "perplexity": config.perplexity, "n_jobs": config.n_jobs,
+                   "link_pairs": config.link_pairs},
+        "n": n, "sampled": sampled, "spaces": report, "parquet": "tsne.parquet",
+        "columns": [c for c in PANEL_COLUMNS if metadata is not None and c in metadata.columns],
+        "link": link, "link_skipped": skipped, "pngs": pngs,
+    }
+    write_json(results_dir / "tsne.json", summary)
+    return summary

@@ -1,0 +1,245 @@
+"""t-SNE: planted blobs stay apart, tiny inputs work, the files `run_tsne` writes, sampling above max_points, and the
+RGB-IR link map (identical rgb_z and ir_z give pairs far closer than random pairs). Small data: a store whose keys
+are the session's synthetic dataset (`built`), so the catalog metadata joins."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+import catalog
+import analysis.tsne as tsne_module
+from analysis.config import TSNEConfig
+from analysis.neighbours import topk_neighbours
+from analysis.pca import run_pca
+from analysis.runs import AnalysisError
+from analysis.store import create_embedding_store, open_embeddings
+from analysis.tsne import link_distances, pruned_neighbours, run_tsne, tsne_embed
+
+QUIET = {"progress": False, "log": lambda message: None}
+
+
+def blobs(n_per: int, centres: int, dim: int, seed: int = 0, spread: float = 8.0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    means = rng.normal(size=(centres, dim)) * spread
+    labels = np.repeat(np.arange(centres), n_per)
+    return (means[labels] + rng.normal(size=(len(labels), dim))).astype(np.float32), labels
+
+
+def knn_accuracy(xy: np.ndarray, labels: np.ndarray, k: int = 5) -> float:
+    d = np.linalg.norm(xy[:, None] - xy[None], axis=2)
+    np.fill_diagonal(d, np.inf)
+    votes = labels[np.argsort(d, axis=1)[:, :k]]
+    predicted = np.array([np.bincount(row).argmax() for row in votes])
+    return float((predicted == labels).mean())
+
+
+# -- tsne_embed --------------------------------------------------------------------------------------------------
+
+def test_planted_blobs_stay_apart_and_a_seed_repeats():
+    x, labels = blobs(80, 4, 20)
+    xy = tsne_embed(x, perplexity=30, n_jobs=1, seed=0)
+    assert xy.shape == (len(x), 2) and xy.dtype == np.float32 and np.isfinite(xy).all()
+    assert knn_accuracy(xy, labels) > 0.9
+    # Each blob's 2-D centre is farther from the other centres than its points are from it.
+    centres = np.stack([xy[labels == c].mean(axis=0) for c in range(4)])
+    spread = max(np.linalg.norm(xy[labels == c] - centres[c], axis=1).mean() for c in range(4))
+    gaps = np.linalg.norm(centres[:, None] - centres[None], axis=2)[np.triu_indices(4, 1)]
+    assert gaps.min() > 2 * spread
+    np.testing.assert_allclose(tsne_embed(x, perplexity=30, n_jobs=1, seed=0), xy)
+
+
+def test_the_pruned_knn_path_feeds_the_map(monkeypatch):
+    x, labels = blobs(60, 10, 20, seed=2)
+    monkeypatch.setattr(tsne_module, "PRUNE_FROM", 100)
+    monkeypatch.setattr(tsne_module, "CELL_DIVISOR", 1.0)  # 24 cells of 600 points, as 100k points get 79
+    xy, details = tsne_module._embed(x, 10, 1, 0)
+    assert details["knn_method"] == "cluster-pruned" and details["k"] == 30 and details["knn_scanned"] < 0.35
+    assert knn_accuracy(xy, labels) > 0.9
+    pruned, _, _ = tsne_module._neighbours(x, 30, 1)
+    monkeypatch.setattr(tsne_module, "PRUNE_FROM", 10**9)
+    every, _, details = tsne_module._neighbours(x, 30, 1)
+    assert details["knn_method"] == "all pairs"
+    assert np.mean([len(set(a) & set(b)) for a, b in zip(pruned, every)]) > 29.9  # the same sets but for ties
+
+
+def direct(x: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    return np.sort(np.linalg.norm(x[:, None, :] - x[indices], axis=2), axis=1)
+
+
+@pytest.mark.parametrize("kind", ["blobs", "duplicates"])
+def test_pruned_neighbours_are_exact(kind):
+    x, _ = blobs(120, 12, 16, seed=1)
+    if kind == "duplicates":  # distance-0 ties, and cells whose members coincide
+        x = np.concatenate([x[:720], x[:720]])
+    indices, distances, details = pruned_neighbours(x, 30, seed=0, max_scanned=1.0)
+    ref_distances, ref_indices = topk_neighbours(x, x, 30, metric="euclidean", exclude_self=True)
+    assert indices.shape == (len(x), 30) and not (indices == np.arange(len(x))[:, None]).any()
+    np.testing.assert_allclose(direct(x, indices), direct(x, ref_indices), atol=1e-4)
+    np.testing.assert_allclose(distances, ref_distances, atol=0.05)  # both from |q|^2 - score: rounding near 0
+    assert details["knn_method"] == "cluster-pruned" and details["knn_scanned"] < 0.5
+
+
+def test_structureless_data_falls_back_to_every_pair():
+    x = np.random.default_rng(0).normal(size=(1500, 40)).astype(np.float32)
+    assert pruned_neighbours(x, 30) is None
+    indices, distances, details = tsne_module._neighbours(x, 30, 1)
+    ref_distances, _ = topk_neighbours(x, x, 30, metric="euclidean", exclude_self=True)
+    assert details["knn_method"] == "all pairs" and np.allclose(distances, ref_distances)
+
+
+@pytest.mark.parametrize("n", [100, 12, 3, 1, 0])
+def test_small_inputs_clip_the_perplexity(n):
+    x, _ = blobs(max(n, 1), 1, 8)
+    xy = tsne_embed(x[:n], perplexity=30, n_jobs=0, seed=1)
+    assert xy.shape == (n, 2) and np.isfinite(xy).all()
+    if n >= 12:
+        assert np.ptp(xy, axis=0).min() > 0
+
+
+def test_link_distances_of_pairs_and_non_pairs():
+    first = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    second = first + [[1.0, 0.0]]
+    summary = link_distances(first, second)
+    assert summary["pair_distance"] == pytest.approx(1.0) and summary["pair_nearest"] == 1.0
+    non_pairs = [np.linalg.norm(first[i] - second[j]) for i in range(3) for j in range(3) if i != j]
+    assert summary["random_distance"] == pytest.approx(np.mean(non_pairs))
+    assert summary["ratio"] == pytest.approx(1.0 / np.mean(non_pairs))
+
+
+# -- run_tsne ----------------------------------------------------------------------------------------------------
+
+def make_store(root: Path, dataset: Path, projections: str = "independent", name: str = "last.zarr") -> Path:
+    """Embeddings of every catalog sample: rgb/ir separate sky from ground, so the maps have structure;
+    rgb_z/ir_z are independent noise, identical, or absent."""
+    with catalog.open(dataset) as cat:
+        table = cat.query("SELECT key, coalesce(is_sky, false) AS sky FROM samples ORDER BY key")
+    keys, sky = table.column("key").to_pylist(), np.asarray(table.column("sky").to_pylist(), dtype=bool)
+    n = len(keys)
+    rng = np.random.default_rng(0)
+    dims = {"rgb": (12, "float32"), "ir": (10, "float32")}
+    if projections != "none":
+        dims.update({"rgb_z": (16, "float16"), "ir_z": (16, "float16")})
+    path = root / name
+    create_embedding_store(path, keys, dims, chunk_rows=16,
+                           attrs={"identity": f"test-{projections}", "checkpoint": "last", "dataset": str(dataset)})
+    import zarr
+
+    group = zarr.open_group(str(path), mode="r+")
+    group["rgb"][:] = (rng.normal(size=(n, 12)) + 6 * sky[:, None]).astype(np.float32)
+    group["ir"][:] = (rng.normal(size=(n, 10)) - 6 * sky[:, None]).astype(np.float32)
+    if projections != "none":
+        z = rng.normal(size=(n, 16)).astype(np.float16)
+        group["rgb_z"][:] = z
+        group["ir_z"][:] = z if projections == "identical" else rng.normal(size=(n, 16)).astype(np.float16)
+    group["done"][:] = 1
+    group.attrs.update({"complete": True})
+    return path
+
+
+@pytest.fixture(scope="module")
+def synthetic_run(built, tmp_path_factory) -> tuple[Path, Path]:
+    """(embeddings with identical rgb_z and ir_z, the results directory with its pca.zarr)."""
+    root = tmp_path_factory.mktemp("tsne")
+    store = make_store(root, built, "identical")
+    results = root / "analysis" / "last"
+    run_pca(open_embeddings(store), results, components=6, **QUIET)
+    return store, results
+
+
+def test_run_tsne_writes_maps_plots_and_json_last(synthetic_run, built):
+    store, results = synthetic_run
+    embeddings = open_embeddings(store)
+    n = embeddings.n
+    summary = run_tsne(embeddings, results, TSNEConfig(perplexity=10, n_jobs=0, link_pairs=40), seed=0,
+                       dataset=built, **QUIET)
+    on_disk = json.loads((results / "tsne.json").read_text())
+    assert on_disk["embeddings"] == embeddings.identity and on_disk["checkpoint"] == "last"
+    assert list(on_disk["spaces"]) == ["joint", "rgb", "ir"]
+    for item in on_disk["spaces"].values():
+        assert item["points"] == n and item["sampled"] is False and item["seconds"] >= 0
+    assert on_disk["pngs"] == ["tsne_joint.png", "tsne_rgb.png", "tsne_ir.png", "tsne_link.png"]
+    for png in on_disk["pngs"]:
+        assert (results / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert {"is_sky", "is_day", "vsn", "position", "split", "month", "hour_local"} <= set(on_disk["columns"])
+    assert not list(results.glob("*.tmp*"))
+
+    table = pq.read_table(results / "tsne.parquet").to_pandas()
+    assert len(table) == 3 * n and {"key", "space", "x", "y", "row"} <= set(table.columns)
+    keys = embeddings.keys()
+    for space in ("joint", "rgb", "ir"):
+        part = table[table["space"] == space]
+        assert list(part["key"]) == list(keys) and list(part["row"]) == list(range(n))
+        assert np.isfinite(part[["x", "y"]].to_numpy()).all()
+    # The planted sky/ground split survives into the joint map.
+    joint = table[table["space"] == "joint"]
+    with catalog.open(built) as cat:
+        rows = cat.query("SELECT key, coalesce(is_sky, false) AS sky FROM samples").to_pylist()
+    sky = {row["key"]: row["sky"] for row in rows}
+    labels = np.array([sky[k] for k in joint["key"]], dtype=int)
+    assert knn_accuracy(joint[["x", "y"]].to_numpy(), labels) > 0.9
+
+    # Identical rgb_z and ir_z: each sample's two points sit together, far closer than random pairs.
+    link = summary["link"]
+    assert link == on_disk["link"] and link["pairs"] == 40
+    assert link["ratio"] < 0.2 and link["pair_distance"] < 0.2 * link["random_distance"]
+    assert link["pair_nearest"] > 0.8
+
+
+def test_sampling_above_max_points_records_the_rows(synthetic_run, tmp_path):
+    store, results = synthetic_run
+    embeddings = open_embeddings(store)
+    target = tmp_path / "results"
+    target.mkdir()
+    import shutil
+
+    shutil.copytree(results / "pca.zarr", target / "pca.zarr")
+    cap = embeddings.n // 2
+    config = TSNEConfig(max_points=cap, perplexity=5, n_jobs=1, link_pairs=0)
+    summary = run_tsne(embeddings, target, config, seed=3, dataset=Path("/nonexistent"), **QUIET)
+    assert all(item["points"] == cap and item["sampled"] is True for item in summary["spaces"].values())
+    assert summary["link"] is None and summary["link_skipped"] and summary["columns"] == []
+    assert not (target / "tsne_link.png").exists()
+    table = pq.read_table(target / "tsne.parquet").to_pandas()
+    rows = {space: list(part["row"]) for space, part in table.groupby("space", observed=True)}
+    assert len(rows) == 3 and rows["joint"] == rows["rgb"] == rows["ir"]
+    assert len(rows["joint"]) == cap and rows["joint"] == sorted(set(rows["joint"]))
+    keys = embeddings.keys()
+    part = table[table["space"] == "ir"]
+    assert list(part["key"]) == list(keys[np.asarray(rows["ir"])])
+    # The sample is a function of the seed.
+    again = run_tsne(embeddings, target, config, seed=3, dataset=Path("/nonexistent"), **QUIET)
+    assert again["spaces"]["joint"]["points"] == cap
+    assert list(pq.read_table(target / "tsne.parquet").to_pandas().query("space == 'ir'")["row"]) == rows["ir"]
+
+
+def test_without_projections_the_link_map_is_skipped_and_said(built, tmp_path):
+    store = make_store(tmp_path, built, "none")
+    embeddings = open_embeddings(store)
+    results = tmp_path / "results"
+    run_pca(embeddings, results, components=4, spaces=("rgb",), **QUIET)
+    summary = run_tsne(embeddings, results, TSNEConfig(perplexity=5, n_jobs=1), dataset=built, **QUIET)
+    assert list(summary["spaces"]) == ["rgb"]
+    assert summary["link"] is None and "rgb_z" in summary["link_skipped"]
+    assert json.loads((results / "tsne.json").read_text())["pngs"] == ["tsne_rgb.png"]
+
+
+def test_pca_of_other_embeddings_is_refused(synthetic_run, built, tmp_path):
+    _, results = synthetic_run
+    other = open_embeddings(make_store(tmp_path, built, "independent"))
+    with pytest.raises(AnalysisError, match="run `analysis pca` again"):
+        run_tsne(other, results, TSNEConfig(), **QUIET)
+
+
+def test_independent_projections_are_no_closer_than_random(built, tmp_path):
+    store = make_store(tmp_path, built, "independent")
+    embeddings = open_embeddings(store)
+    results = tmp_path / "results"
+    run_pca(embeddings, results, components=4, spaces=("ir",), **QUIET)
+    link = run_tsne(embeddings, results, TSNEConfig(perplexity=10, n_jobs=1, link_pairs=60), dataset=built,
+                    **QUIET)["link"]
+    assert link["ratio"] > 0.6
