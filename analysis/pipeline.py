@@ -113,7 +113,7 @@ class Analysis:
                   force: bool = True) -> dict:
         from analysis.attention import attention
 
-        path = self.run.results(checkpoint) / "attention.json"
+        path = self.run.results(checkpoint) / "attention" / "attention.json"
         sha = self.run.checkpoint(checkpoint).sha256
         previous = _read(path) if path.exists() else None
         if not force and previous is not None and previous.get("checkpoint_sha256") == sha:

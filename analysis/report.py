@@ -62,8 +62,9 @@ def summary_rows(results: dict[str, dict]) -> list[tuple[str, dict[str, float | 
 
 
 def _load(results_dir: Path) -> dict:
-    return {name: read_json(results_dir / f"{name}.json") or {}
-            for name in ("pca", "knn", "retrieval", "cluster", "tsne", "attention")}
+    loaded = {name: read_json(results_dir / f"{name}.json") or {} for name in ("pca", "knn", "retrieval", "cluster", "tsne")}
+    loaded["attention"] = read_json(results_dir / "attention" / "attention.json") or {}
+    return loaded
 
 
 def _copy_png(source: Path, report: Path, name: str) -> str | None:

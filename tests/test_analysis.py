@@ -293,3 +293,35 @@ def test_all_writes_a_complete_report(trained_run_copy, tmp_path):
     compare = analysis_cli("compare", str(trained_run_copy), str(trained_run_copy), "--out", str(tmp_path / "cmp"))
     assert compare.returncode == 0, compare.stderr
     assert "k-NN is_sky" in compare.stdout and (tmp_path / "cmp" / "compare.html").exists()
+
+
+@pytest.mark.slow
+def test_a_trained_model_retrieves_its_own_ir_partner_well_above_chance(built, tmp_path):
+    """VICReg's invariance term aligns the two branches: after a short training, a sample's RGB embedding finds
+    its own IR partner far more often than chance, and far more often than the random-init model's does."""
+    from analysis.knn import run_retrieval
+    from analysis.metadata import sample_metadata
+    from training.config import load_training_config
+    from training.train import run_training
+
+    config_path = tmp_path / "train.toml"
+    config_path.write_text(
+        f'[data]\ndataset = "{built}"\nwhere = "TRUE"\nir_size = [32, 48]\nworkers = 0\n'
+        '[model]\nrgb_arch = "vit_tiny_patch16_224"\nir_arch = "vit_tiny_patch16_224"\ndepth = 1\nexpander = [128, 128]\n'
+        '[optim]\nname = "adamw"\nbase_lr = 0.002\nwarmup_epochs = 1\n'
+        f'[train]\nepochs = 25\nbatch_size = 16\ncheckpoint_every = 25\nlog_every = 10\nprecision = "fp32"\n'
+        f'[run]\ndir = "{tmp_path / "run"}"\n')
+    assert run_training(load_training_config(str(config_path)), progress=False, log=lambda m: None) == 0
+    scores = {}
+    for checkpoint in ("last", "random"):
+        embeddings = open_embeddings(embed(tmp_path / "run", checkpoint, config=SMALL_CHUNKS, progress=False,
+                                           log=lambda m: None).path)
+        metadata = sample_metadata(built, embeddings.keys())
+        metadata["split"] = "all"  # every pair takes part: a harder test than the few test-split pairs
+        scores[checkpoint] = run_retrieval(embeddings, tmp_path / checkpoint, metadata, split="all",
+                                           log=lambda m: None)
+    trained, baseline = scores["last"], scores["random"]
+    chance = trained["chance"]["5"]
+    assert trained["n"] >= 50
+    assert trained["rgb_to_ir"]["5"] > 4 * chance and trained["ir_to_rgb"]["5"] > 4 * chance, trained
+    assert trained["rgb_to_ir"]["5"] > 2 * baseline["rgb_to_ir"]["5"], (trained, baseline)
