@@ -45,9 +45,13 @@ def weighted_knn(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, t
     weights = np.exp(similarity / temperature)
     neighbour_labels = train_y[index]
     out: dict[int, dict[str, float]] = {}
+    n_test = len(test_x)
+    flat_rows = np.arange(n_test, dtype=np.int64)[:, None] * n_classes
     for k in ks:
-        votes = np.zeros((len(test_x), n_classes), dtype=np.float64)
-        np.add.at(votes, (np.arange(len(test_x))[:, None], neighbour_labels[:, :k]), weights[:, :k])
+        # One bincount over (row, label) pairs: np.add.at does the same ~20x slower.
+        cells = (flat_rows + neighbour_labels[:, :k]).ravel()
+        votes = np.bincount(cells, weights=weights[:, :k].ravel(), minlength=n_test * n_classes)
+        votes = votes.reshape(n_test, n_classes)
         ranked = np.argsort(-votes, axis=1, kind="stable")
         top1 = float((ranked[:, 0] == test_y).mean())
         top5 = float((ranked[:, :5] == test_y[:, None]).any(axis=1).mean()) if n_classes > 5 else None

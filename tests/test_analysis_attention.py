@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,46 +18,17 @@ from analysis.attention import attention, cls_attention, threshold_mask
 from analysis.config import AttentionConfig
 from analysis.runs import AnalysisError, RunDir
 from shards.reader import SelectionReader
-from training.config import load_training_config
 from training.loader import BatchViews, RowBatches
-from training.train import run_training
-
-# The smallest run training makes: depth-1 vit_tiny branches, 32 x 48 IR (patch 8) and 64 x 96 RGB (patch 16),
-# so both grids are 4 x 6 (not square: a transposed grid would show).
-TINY = """
-[data]
-dataset = "{dataset}"
-ir_size = [32, 48]
-workers = 0
-[model]
-rgb_arch = "vit_tiny_patch16_224"
-ir_arch = "vit_tiny_patch16_224"
-depth = 1
-expander = [32, 32]
-[optim]
-warmup_epochs = 1
-[train]
-epochs = 2
-batch_size = 8
-max_steps = 1
-precision = "fp32"
-[run]
-dir = "{run}"
-"""
 
 
+# conftest's trained_run: depth-1 vit_tiny branches, 32 x 48 IR (patch 8) and 64 x 96 RGB (patch 16), so both
+# grids are 4 x 6 (not square: a transposed grid would show).
 @pytest.fixture(scope="module")
-def run(built, tmp_path_factory) -> Path:
-    """A trained run (one step) over the synthetic dataset; tests write only under its analysis/.
-
-    Trained in this process (one rank, no MPI): a `training run` subprocess costs ~10 s more of imports.
-    """
-    base = tmp_path_factory.mktemp("attention")
-    config = base / "train.toml"
-    config.write_text(TINY.format(dataset=built, run=base / "run"))
-    messages: list[str] = []
-    assert run_training(load_training_config(str(config)), progress=False, log=messages.append) == 0, messages
-    return base / "run"
+def run(trained_run, tmp_path_factory) -> Path:
+    """The session's tiny trained run (conftest), copied: these tests write under its analysis/."""
+    target = tmp_path_factory.mktemp("attention") / "run"
+    shutil.copytree(trained_run, target)
+    return target
 
 
 @pytest.fixture(scope="module")
