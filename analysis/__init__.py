@@ -1,5 +1,4 @@
-"""analysis: embeddings to Zarr and out-of-core PCA, clustering, t-SNE, k-NN and an HTML report (planned: `analysis embed RUN`, `analysis report RUN`).
-
-Not built yet: its issue comes after the data path (ingest, shards, catalog). The package and its command
-exist so the layout and the console scripts are fixed from the start.
+"""analysis: what a trained run learned. Embeddings to Zarr from any number of ranks (``analysis.embed``), exact
+streamed PCA (``analysis.pca``), clusters, t-SNE, k-NN and cross-modal retrieval, attention maps, evolution over
+checkpoints, and an HTML report; ``analysis all RUN`` runs what is missing (``analysis.pipeline``).
 """

@@ -108,18 +108,15 @@ def threshold_mask(maps, keep: float = 0.6):
 
 # -- samples -----------------------------------------------------------------------------------------------
 
-def _sql_string(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
-
-
 def _pick_keys(run: RunDir, keys: Sequence[str], dataset: str | None):
     """(Selection, dataset root, training config, rows in the order of ``keys``); unknown keys are named."""
     from analysis.embed import selection_for
+    from catalog.query import sql_string
 
     wanted = list(dict.fromkeys(keys))  # a key asked for twice is drawn once
     if not wanted:
         raise AnalysisError("--keys is empty")
-    where = f"key IN ({', '.join(_sql_string(k) for k in wanted)})"
+    where = f"key IN ({', '.join(sql_string(k) for k in wanted)})"
     try:
         selection, root, config = selection_for(run, where, dataset)
     except AnalysisError as exc:

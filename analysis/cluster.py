@@ -22,7 +22,6 @@ Features are N x (PCA components) float32 (100k x 50 is 20 MB), so they are load
 from __future__ import annotations
 
 import io
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +32,7 @@ import pyarrow as pa
 
 from analysis.config import ClusterConfig
 from analysis.runs import AnalysisError
-from analysis.store import SPACES, Embeddings, write_json
+from analysis.store import SPACES, Embeddings, pyplot, save_figure, write_json, write_parquet
 
 __all__ = ["fit_clusters", "silhouette", "run_clusters", "SpaceClusters", "TABLE_COLUMNS", "HEATMAP_COLUMNS"]
 
@@ -247,35 +246,10 @@ def _agreement(fits: dict[str, SpaceClusters]) -> dict[str, dict[str, float]]:
 
 # -- files -----------------------------------------------------------------------------------------------
 
-def _write_parquet(table: pa.Table, path: Path) -> None:
-    import pyarrow.parquet as pq
-
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
-
-
-def _save(fig, path: Path, dpi: int = 100) -> None:
-    import matplotlib.pyplot as plt
-
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=dpi)
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
 
 def plot_heatmap(tables: pa.Table, space: str, fit: SpaceClusters, columns: Sequence[str], out: Path) -> Path:
     """Cluster x value shares of the main metadata columns, one panel per column."""
-    plt = _pyplot()
+    plt = pyplot()
     import pyarrow.compute as pc
 
     frame = tables.filter(pc.equal(tables["space"], space)).to_pandas()
@@ -310,7 +284,7 @@ def plot_heatmap(tables: pa.Table, space: str, fit: SpaceClusters, columns: Sequ
     if image is not None:
         fig.colorbar(image, ax=axes[0].tolist(), fraction=0.02, pad=0.01, label="share of the cluster (cells: %)")
     fig.suptitle(f"{space}: k={fit.k}, silhouette {fit.silhouette_mean:.3f}", fontsize=10)
-    _save(fig, out)
+    save_figure(fig, out)
     return out
 
 
@@ -332,10 +306,6 @@ def _pick_examples(fit: SpaceClusters, keys: np.ndarray, count: int, seed: int) 
     return picks
 
 
-def _sql_string(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
-
-
 def _rgb_thumbnail(jpeg: bytes) -> np.ndarray:
     """The whole frame, as the evaluation view sees it (no crop, no flip), decoded at a reduced DCT scale."""
     from PIL import Image
@@ -354,7 +324,9 @@ def read_pairs(dataset: Path, keys: Sequence[str]) -> dict[str, tuple[np.ndarray
 
     if not keys:
         return {}
-    where = f"key IN ({', '.join(_sql_string(k) for k in keys)})"
+    from catalog.query import sql_string
+
+    where = f"key IN ({', '.join(sql_string(k) for k in keys)})"
     with catalog.open(dataset) as cat:
         selection = cat.select(where)
     pairs = {}
@@ -370,7 +342,7 @@ def read_pairs(dataset: Path, keys: Sequence[str]) -> dict[str, tuple[np.ndarray
 def plot_examples(space: str, fit: SpaceClusters, picks: list[list[str]],
                   pairs: dict[str, tuple[np.ndarray, np.ndarray]], out: Path) -> Path:
     """One row per cluster; each example is its RGB frame and its IR frame side by side."""
-    plt = _pyplot()
+    plt = pyplot()
     per_row = max(max((len(p) for p in picks), default=1), 1)
     fig, axes = plt.subplots(fit.k, 2 * per_row, figsize=(1.7 * 2 * per_row, 1.45 * fit.k + 0.4), squeeze=False)
     for cluster, keys in enumerate(picks):
@@ -398,12 +370,12 @@ def plot_examples(space: str, fit: SpaceClusters, picks: list[list[str]],
         axes[cluster][0].set_ylabel(f"cluster {cluster}\nn={fit.sizes[cluster]}", fontsize=7)
     fig.suptitle(f"{space} clusters: example pairs", fontsize=10)
     fig.tight_layout()
-    _save(fig, out, dpi=90)
+    save_figure(fig, out, dpi=90)
     return out
 
 
 def plot_sweep(fits: dict[str, SpaceClusters], out: Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for space, fit in fits.items():
         ks = [row["k"] for row in fit.sweep]
@@ -416,7 +388,7 @@ def plot_sweep(fits: dict[str, SpaceClusters], out: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    _save(fig, out)
+    save_figure(fig, out)
     return out
 
 
@@ -447,9 +419,9 @@ def run_clusters(embeddings: Embeddings, results_dir: Path, config: ClusterConfi
 
     labels = pa.table({"key": pa.array(list(keys), type=pa.string()),
                        **{f"cluster_{space}": pa.array(fit.labels, type=pa.int32()) for space, fit in fits.items()}})
-    _write_parquet(labels, results / "clusters.parquet")
+    write_parquet(labels, results / "clusters.parquet")
     tables = _cluster_tables(labels, meta, list(fits), columns)
-    _write_parquet(tables, results / "cluster_tables.parquet")
+    write_parquet(tables, results / "cluster_tables.parquet")
 
     pngs = []
     heat_columns = [c for c in HEATMAP_COLUMNS if c in columns]

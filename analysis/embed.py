@@ -64,35 +64,20 @@ def embedding_identity(checkpoint: Checkpoint, where: str, selection_sha: str, c
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
 
 
-def _device(decode: str):
-    import torch
-
-    from training.distributed import mpi_world
-
-    _, _, local_rank, _ = mpi_world()
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank % torch.cuda.device_count())
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    if decode == "gpu" and device.type != "cuda":
-        raise AnalysisError("embed.decode = 'gpu' needs a CUDA device; this machine has none")
-    return device
-
-
 def embed(run_dir: str | Path, checkpoint_name: str = "last", where: str | None = None, config: EmbedConfig | None = None,
           dataset: str | None = None, progress: bool = True, log=print) -> EmbedResult:
     """Embed under any number of MPI ranks (each process calls this); returns on every rank."""
-    from training.distributed import abort, bcast, launched_by_mpi, mpi_world
+    from training.distributed import abort, bcast, mpi_world
 
     cfg = config or EmbedConfig()
     where = (where if where is not None else cfg.where).strip() or "TRUE"
-    rank, world, _, local_size = mpi_world()
+    rank, world, local_rank, local_size = mpi_world()
     run = RunDir.open(run_dir) if rank == 0 else RunDir(Path(run_dir))
     verdict: dict = {}
+    prepared = None  # rank 0's checkpoint, selection and model, not made twice
     if rank == 0:
         try:
-            verdict = _prepare(run, checkpoint_name, where, cfg, dataset)
+            verdict, prepared = _prepare(run, checkpoint_name, where, cfg, dataset)
         except AnalysisError as exc:
             verdict = {"error": str(exc)}
         except Exception as exc:  # noqa: BLE001 - the other ranks must hear of it, not wait forever
@@ -107,13 +92,13 @@ def embed(run_dir: str | Path, checkpoint_name: str = "last", where: str | None 
             log(f"{path}: up to date ({verdict['n']} samples)")
         return EmbedResult(path, verdict["n"], 0, 0.0, True)
     try:
-        computed, seconds, steady = _embed_my_chunks(run, verdict, cfg, rank, world, local_size, progress)
+        computed, seconds, steady = _embed_my_chunks(run, verdict, cfg, rank, world, local_rank, local_size, progress, prepared)
     except BaseException as exc:
         if world > 1:
             print(f"analysis embed: rank {rank}: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
             abort(1)
         raise
-    if launched_by_mpi() and world > 1:
+    if world > 1:
         from mpi4py import MPI
 
         computed = MPI.COMM_WORLD.allreduce(computed)
@@ -131,11 +116,12 @@ def embed(run_dir: str | Path, checkpoint_name: str = "last", where: str | None 
     return EmbedResult(path, verdict["n"], computed, seconds, False, steady)
 
 
-def _prepare(run: RunDir, checkpoint_name: str, where: str, cfg: EmbedConfig, dataset: str | None) -> dict:
-    """Rank 0: resolve everything, create or reuse the store; what every rank needs to start."""
+def _prepare(run: RunDir, checkpoint_name: str, where: str, cfg: EmbedConfig, dataset: str | None):
+    """Rank 0: resolve everything, create or reuse the store. Returns (what every rank needs to start, what rank 0
+    made on the way: checkpoint, selection, model, config)."""
     import zarr
 
-    from catalog.runinfo import provenance
+    from catalog.runinfo import config_to_dict, provenance
     from training.loader import selection_fingerprint
 
     checkpoint = run.checkpoint(checkpoint_name)
@@ -162,29 +148,24 @@ def _prepare(run: RunDir, checkpoint_name: str, where: str, cfg: EmbedConfig, da
             "identity": identity, "checkpoint": checkpoint.name, "checkpoint_sha256": checkpoint.sha256,
             "checkpoint_epoch": checkpoint.epoch, "checkpoint_step": checkpoint.step, "where": where,
             "selection_sha256": selection_sha, "dataset": str(root), "model_spec": spec,
-            "training_config": json.loads(json.dumps(_config_dict(config))),
+            "training_config": json.loads(json.dumps(config_to_dict(config))),
             "preprocessing": "training.loader.EVAL_AUGMENT: whole frame, no flip, no jitter, no IR noise; BatchViews",
             "provenance": json.loads(json.dumps(provenance(packages=("torch", "timm", "zarr")), default=str)),
         }
         create_embedding_store(path, selection.column("key").to_pylist(), dims, cfg.chunk_rows, attrs)
-    return {"path": str(path), "skip": skip, "n": n, "checkpoint": checkpoint.name, "where": where,
-            "dataset": str(root), "checkpoint_path": str(checkpoint.path) if checkpoint.path else None,
-            "checkpoint_sha256": checkpoint.sha256}
+    verdict = {"path": str(path), "skip": skip, "n": n, "checkpoint": checkpoint.name, "where": where,
+               "dataset": str(root), "checkpoint_sha256": checkpoint.sha256}
+    return verdict, (checkpoint, selection, model, config)
 
 
-def _config_dict(config) -> dict:
-    from catalog.runinfo import config_to_dict
-
-    return config_to_dict(config)
-
-
-def _embed_my_chunks(run: RunDir, verdict: dict, cfg: EmbedConfig, rank: int, world: int, local_size: int,
-                     progress: bool) -> tuple[int, float, float | None]:
+def _embed_my_chunks(run: RunDir, verdict: dict, cfg: EmbedConfig, rank: int, world: int, local_rank: int,
+                     local_size: int, progress: bool, prepared=None) -> tuple[int, float, float | None]:
     import catalog
     import torch
     import zarr
 
     from shards.reader import SelectionReader
+    from training.distributed import local_device
     from training.loader import BatchViews, DevicePrefetcher, RowBatches, make_loader
 
     path = Path(verdict["path"])
@@ -194,16 +175,20 @@ def _embed_my_chunks(run: RunDir, verdict: dict, cfg: EmbedConfig, rank: int, wo
     mine = [c for c in range(rank, n_chunks, world) if not done[c]]
     if not mine:
         return 0, 0.0, None
-    with catalog.open(verdict["dataset"]) as cat:
-        selection = cat.select(verdict["where"])
-    decode = cfg.decode
-    device = _device(decode)
-    if decode == "auto":
-        decode = "gpu" if device.type == "cuda" else "cpu"
-    checkpoint = run.checkpoint(verdict["checkpoint"]) if verdict["checkpoint_path"] else run.checkpoint("random")
-    if checkpoint.sha256 != verdict["checkpoint_sha256"]:
-        raise AnalysisError(f"{checkpoint.path}: changed while embedding started; run `analysis embed` again")
-    model, config, _ = run.load_model(checkpoint, device)
+    device = local_device(local_rank)
+    decode = cfg.decode if cfg.decode != "auto" else ("gpu" if device.type == "cuda" else "cpu")
+    if decode == "gpu" and device.type != "cuda":
+        raise AnalysisError("embed.decode = 'gpu' needs a CUDA device; this machine has none")
+    if prepared is not None:
+        _, selection, model, config = prepared
+        model.to(device)
+    else:
+        with catalog.open(verdict["dataset"]) as cat:
+            selection = cat.select(verdict["where"])
+        checkpoint = run.checkpoint(verdict["checkpoint"])
+        if checkpoint.sha256 != verdict["checkpoint_sha256"]:
+            raise AnalysisError(f"{checkpoint.path}: changed while embedding started; run `analysis embed` again")
+        model, config, _ = run.load_model(checkpoint, device)
     if device.type == "cpu" and local_size > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_size))
     import dataclasses
@@ -232,15 +217,13 @@ def _embed_my_chunks(run: RunDir, verdict: dict, cfg: EmbedConfig, rank: int, wo
     started = time.perf_counter()
     prefetch = DevicePrefetcher(loader, views, device)
     try:
-        first_batch = _write_chunks(prefetch, model, autocast, group, names, n, chunk_rows, all_keys, path, bar)
+        first_batch_at = _write_chunks(prefetch, model, autocast, group, names, n, chunk_rows, all_keys, path, bar)
     finally:
         prefetch.close()
     if bar is not None:
         bar.close()
     ended = time.perf_counter()
-    steady = None
-    if first_batch is not None and ended > first_batch[0] and total > first_batch[1]:
-        steady = (total - first_batch[1]) / (ended - first_batch[0])
+    steady = total / (ended - first_batch_at) if first_batch_at is not None and ended > first_batch_at else None
     return total, ended - started, steady
 
 
@@ -250,12 +233,12 @@ def _write_chunk(group, names: list[str], chunk: int, start: int, stop: int, arr
     group["done"][chunk] = 1  # after the rows: a chunk marked done is complete on disk
 
 
-def _write_chunks(prefetch, model, autocast, group, names, n, chunk_rows, all_keys, path, bar):
+def _write_chunks(prefetch, model, autocast, group, names, n, chunk_rows, all_keys, path, bar) -> float | None:
     """Embed every prepared batch; write each chunk, then its done flag, once all its rows are in.
 
     A chunk's outputs stay on the device until the chunk is full and come back in one copy: a copy per batch
     would make the host wait for every batch and leave the GPU idle while the next one is launched.
-    Returns (time the first batch arrived, 0), from which the steady rate is measured."""
+    Returns when the first batch arrived (the steady rate is measured from there)."""
     from concurrent.futures import ThreadPoolExecutor
 
     import torch
@@ -265,9 +248,39 @@ def _write_chunks(prefetch, model, autocast, group, names, n, chunk_rows, all_ke
     parts: dict[int, dict[str, list]] = {}
     filled: dict[int, int] = {}
     dtypes = {name: torch.float16 if group[name].dtype == np.float16 else torch.float32 for name in names}
+    first_batch_at = None
     try:
-        first_batch = _embed_batches(prefetch, model, autocast, group, names, n, chunk_rows, all_keys, path, bar,
-                                     writer, pending, parts, filled, dtypes)
+        with torch.inference_mode():
+            for batch, (first, second) in prefetch:
+                if first_batch_at is None:
+                    first_batch_at = time.perf_counter()
+                c, offset = batch["tag"]
+                with autocast:
+                    h_rgb = model.rgb_backbone(first)
+                    h_ir = model.ir_backbone(second)
+                    out = {"rgb": h_rgb, "ir": h_ir}
+                    if "rgb_z" in names:
+                        out["rgb_z"], out["ir_z"] = model.rgb_expander(h_rgb), model.ir_expander(h_ir)
+                start, stop = c * chunk_rows, min((c + 1) * chunk_rows, n)
+                rows = len(batch["keys"])
+                if list(batch["keys"]) != list(all_keys[start + offset : start + offset + rows]):
+                    raise AnalysisError(f"{path}: rows {start + offset}.. do not hold the catalog's keys "
+                                        "(catalog changed?)")
+                if offset != filled.get(c, 0):
+                    raise AnalysisError(f"{path}: chunk {c} got rows out of order (offset {offset})")
+                chunk = parts.setdefault(c, {name: [] for name in names})
+                for name in names:
+                    chunk[name].append(out[name].to(dtypes[name]))
+                filled[c] = filled.get(c, 0) + rows
+                if bar is not None:
+                    bar.update(rows)
+                if filled[c] == stop - start:
+                    arrays = {name: torch.cat(chunk[name]).cpu().numpy() for name in names}
+                    del parts[c], filled[c]
+                    # Compressing and writing a chunk takes a while: a writer thread does it while the GPU goes on.
+                    pending.append(writer.submit(_write_chunk, group, names, c, start, stop, arrays))
+                    while pending and pending[0].done():
+                        pending.pop(0).result()
     finally:
         # Chunks already handed to the writer are finished even when embedding fails: their done flags are true.
         writer.shutdown(wait=True)
@@ -275,42 +288,4 @@ def _write_chunks(prefetch, model, autocast, group, names, n, chunk_rows, all_ke
         future.result()
     if parts:
         raise AnalysisError(f"{path}: chunks {sorted(parts)} were not filled (loader ended early)")
-    return first_batch
-
-
-def _embed_batches(prefetch, model, autocast, group, names, n, chunk_rows, all_keys, path, bar, writer, pending,
-                   parts, filled, dtypes):
-    import torch
-
-    first_batch = None
-    with torch.inference_mode():
-        for batch, (first, second) in prefetch:
-            if first_batch is None:
-                first_batch = (time.perf_counter(), 0)
-            c, offset = batch["tag"]
-            with autocast:
-                h_rgb = model.rgb_backbone(first)
-                h_ir = model.ir_backbone(second)
-                out = {"rgb": h_rgb, "ir": h_ir}
-                if "rgb_z" in names:
-                    out["rgb_z"], out["ir_z"] = model.rgb_expander(h_rgb), model.ir_expander(h_ir)
-            start, stop = c * chunk_rows, min((c + 1) * chunk_rows, n)
-            rows = len(batch["keys"])
-            if list(batch["keys"]) != list(all_keys[start + offset : start + offset + rows]):
-                raise AnalysisError(f"{path}: rows {start + offset}.. do not hold the catalog's keys (catalog changed?)")
-            if offset != filled.get(c, 0):
-                raise AnalysisError(f"{path}: chunk {c} got rows out of order (offset {offset})")
-            chunk = parts.setdefault(c, {name: [] for name in names})
-            for name in names:
-                chunk[name].append(out[name].to(dtypes[name]))
-            filled[c] = filled.get(c, 0) + rows
-            if bar is not None:
-                bar.update(rows)
-            if filled[c] == stop - start:
-                arrays = {name: torch.cat(chunk[name]).cpu().numpy() for name in names}
-                del parts[c], filled[c]
-                # Compressing and writing a chunk takes a while: a writer thread does it while the GPU goes on.
-                pending.append(writer.submit(_write_chunk, group, names, c, start, stop, arrays))
-                while pending and pending[0].done():
-                    pending.pop(0).result()
-    return first_batch
+    return first_batch_at

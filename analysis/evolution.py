@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from analysis.runs import RANDOM
-from analysis.store import read_json, write_json
+from analysis.store import pyplot, read_json, save_figure, write_json
 
 __all__ = ["run_evolution", "plot_evolution"]
 
@@ -68,10 +68,7 @@ def _results_exist(results: Path) -> bool:
 
 
 def plot_evolution(points: list[dict], out: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     unique = [p for p in points if p["checkpoint"] != "last" or not any(
         q["checkpoint"] != "last" and q["checkpoint_sha256"] == p["checkpoint_sha256"] for q in points)]
@@ -93,9 +90,4 @@ def plot_evolution(points: list[dict], out: Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = out.with_name(out.stem + ".tmp.png")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(out)
-    return out
+    return save_figure(fig, out, dpi=110)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from analysis.runs import AnalysisError
-from analysis.store import SPACES, Embeddings, write_json
+from analysis.store import SPACES, Embeddings, pyplot, save_figure, write_json
 
 __all__ = ["PCAFit", "streamed_pca", "run_pca", "open_pca", "plot_explained_variance"]
 
@@ -42,10 +42,9 @@ class PCAFit:
 
 def _mpi():
     """MPI.COMM_WORLD when an MPI launcher started this process with more than one rank, else None."""
-    import os
+    from training.launcher import launched_by_mpi
 
-    if not any(v in os.environ for v in ("PMI_RANK", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE",
-                                         "PALS_RANKID")):
+    if not launched_by_mpi():
         return None
     from mpi4py import MPI
 
@@ -181,10 +180,7 @@ def _progress(items, show: bool, desc: str):
 
 
 def plot_explained_variance(summary: dict, out: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for space, item in summary.items():
@@ -198,8 +194,4 @@ def plot_explained_variance(summary: dict, out: Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    tmp = out.with_name(out.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(out)
-    return out
+    return save_figure(fig, out, dpi=110)

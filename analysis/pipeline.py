@@ -56,57 +56,55 @@ class Analysis:
         return self.embeddings(checkpoint)
 
     # -- steps: each returns its result dict --
+    def _cached(self, checkpoint: str, step: str, force: bool) -> tuple[Embeddings, Path, dict | None]:
+        """(embeddings, the checkpoint's results folder, the step's result if it is fresh and not forced)."""
+        emb = self.embeddings(checkpoint)
+        results = self.run.results(checkpoint)
+        fresh = not force and is_fresh(results / f"{step}.json", emb.identity)
+        return emb, results, _read(results / f"{step}.json") if fresh else None
+
     def pca(self, checkpoint: str, force: bool = True) -> dict:
         from analysis.pca import run_pca
 
-        emb = self.embeddings(checkpoint)
-        results = self.run.results(checkpoint)
-        if not force and is_fresh(results / "pca.json", emb.identity) and (results / "pca.zarr").exists():
-            return _read(results / "pca.json")
+        emb, results, cached = self._cached(checkpoint, "pca", force)
+        if cached is not None and (results / "pca.zarr").exists():
+            return cached
         run_pca(emb, results, self.config.pca.components, progress=self.progress, log=self.log)
         return _read(results / "pca.json")
 
     def knn(self, checkpoint: str, force: bool = True) -> dict:
         from analysis.knn import run_knn
 
-        emb = self.embeddings(checkpoint)
-        path = self.run.results(checkpoint) / "knn.json"
-        if not force and is_fresh(path, emb.identity):
-            return _read(path)
-        return run_knn(emb, path.parent, self.config.knn, self.metadata(emb), log=self.log)
+        emb, results, cached = self._cached(checkpoint, "knn", force)
+        return cached or run_knn(emb, results, self.config.knn, self.metadata(emb), log=self.log)
 
     def retrieval(self, checkpoint: str, force: bool = True) -> dict:
         from analysis.knn import run_retrieval
 
-        emb = self.embeddings(checkpoint)
-        path = self.run.results(checkpoint) / "retrieval.json"
-        if not force and is_fresh(path, emb.identity):
-            return _read(path)
-        return run_retrieval(emb, path.parent, self.metadata(emb), self.config.knn.test_split, log=self.log)
+        emb, results, cached = self._cached(checkpoint, "retrieval", force)
+        return cached or run_retrieval(emb, results, self.metadata(emb), self.config.knn.test_split, log=self.log)
 
     def cluster(self, checkpoint: str, force: bool = True, examples: bool = True) -> dict:
         import dataclasses
 
         from analysis.cluster import run_clusters
 
-        emb = self.embeddings(checkpoint)
-        path = self.run.results(checkpoint) / "cluster.json"
-        if not force and is_fresh(path, emb.identity):
-            return _read(path)
+        emb, results, cached = self._cached(checkpoint, "cluster", force)
+        if cached is not None:
+            return cached
         self.pca(checkpoint, force=False)
         config = self.config.cluster if examples else dataclasses.replace(self.config.cluster, examples=0)
-        return run_clusters(emb, path.parent, config, seed=self.config.seed, dataset=self.dataset,
-                            log=self.log, progress=self.progress)
+        return run_clusters(emb, results, config, seed=self.config.seed, dataset=self.dataset, log=self.log,
+                            progress=self.progress)
 
     def tsne(self, checkpoint: str, force: bool = True) -> dict:
         from analysis.tsne import run_tsne
 
-        emb = self.embeddings(checkpoint)
-        path = self.run.results(checkpoint) / "tsne.json"
-        if not force and is_fresh(path, emb.identity):
-            return _read(path)
+        emb, results, cached = self._cached(checkpoint, "tsne", force)
+        if cached is not None:
+            return cached
         self.pca(checkpoint, force=False)
-        return run_tsne(emb, path.parent, self.config.tsne, seed=self.config.seed, dataset=self.dataset, log=self.log,
+        return run_tsne(emb, results, self.config.tsne, seed=self.config.seed, dataset=self.dataset, log=self.log,
                         progress=self.progress)
 
     def attention(self, checkpoint: str, keys: list[str] | None = None, where: str | None = None,
@@ -118,9 +116,8 @@ class Analysis:
         previous = _read(path) if path.exists() else None
         if not force and previous is not None and previous.get("checkpoint_sha256") == sha:
             return previous
-        result = attention(self.run.root, checkpoint, keys=keys, where=where, config=self.config.attention,
-                           dataset=self.dataset, log=self.log, seed=self.config.seed)
-        return result
+        return attention(self.run.root, checkpoint, keys=keys, where=where, config=self.config.attention,
+                         dataset=self.dataset, log=self.log, seed=self.config.seed)
 
     def evolution(self, force: bool = False) -> dict:
         from analysis.evolution import run_evolution

@@ -6,6 +6,7 @@ architecture (seeded by ``train.seed``), the baseline that shows what training b
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -106,16 +107,12 @@ class RunDir:
 
     def load_model(self, checkpoint: Checkpoint, device=None):
         """(VICReg model in eval mode, TrainingConfig, model spec) with the checkpoint's weights."""
-        import torch
-
         from training.checkpoint import CheckpointError, load_checkpoint, model_differences
-        from training.model import VICReg
-        from training.train import model_spec
+        from training.train import initial_model, model_spec
 
         config = self.training_config()
         spec = model_spec(config)
-        torch.manual_seed(config.train.seed)  # the random baseline: exactly the weights training started from
-        model = VICReg(config.model, tuple(spec["first_hw"]), tuple(spec["second_hw"]), tuple(spec["channels"]))
+        model = initial_model(config, spec)  # the random baseline: exactly the weights training started from
         if checkpoint.path is not None:
             try:
                 state = load_checkpoint(checkpoint.path)
@@ -149,6 +146,14 @@ def _model_dict(config) -> dict:
 
 
 def _sha256(path: Path) -> str:
+    stat = path.stat()
+    return _sha256_of(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
+    # Keyed by size and mtime too: `all` and `evolution` resolve the same checkpoints many times, and hashing a
+    # checkpoint (hundreds of MB with its optimiser state) each time is wasted; a rewritten file is hashed anew.
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 22), b""):

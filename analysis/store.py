@@ -23,7 +23,7 @@ import numpy as np
 from analysis.runs import AnalysisError
 
 __all__ = ["Embeddings", "open_embeddings", "create_embedding_store", "SPACES", "write_json", "read_json",
-           "is_fresh"]
+           "is_fresh", "write_parquet", "pyplot", "save_figure"]
 
 SPACES = ("rgb", "ir", "joint")  # joint: the two backbone embeddings side by side
 
@@ -145,6 +145,35 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=1, default=_plain) + "\n")
     os.replace(tmp, path)
+
+
+def write_parquet(table, path: Path) -> None:
+    """A pyarrow table to Parquet, atomically."""
+    import pyarrow.parquet as pq
+
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: Path, dpi: int = 100) -> Path:
+    """Save a figure atomically (a reader never sees half a PNG) and close it."""
+    tmp = path.with_name(path.stem + ".tmp.png")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(tmp, dpi=dpi)
+    pyplot().close(fig)
+    os.replace(tmp, path)
+    return path
 
 
 def read_json(path: Path) -> dict[str, Any] | None:

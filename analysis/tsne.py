@@ -23,7 +23,6 @@ Writes into the checkpoint's results directory:
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -31,7 +30,7 @@ import numpy as np
 
 from analysis.config import TSNEConfig
 from analysis.runs import AnalysisError
-from analysis.store import Embeddings, write_json
+from analysis.store import Embeddings, pyplot, save_figure, write_json, write_parquet
 
 __all__ = ["tsne_embed", "run_tsne", "pruned_neighbours", "link_distances", "plot_space", "TSNE_SPACES",
            "PANEL_COLUMNS"]
@@ -323,25 +322,8 @@ def _link_map(embeddings: Embeddings, config: TSNEConfig, seed: int, n_jobs: int
 
 # -- plots -----------------------------------------------------------------------------------------------------
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _marker_size(n: int) -> float:
     return float(np.clip(3000.0 / max(n, 1), 0.3, 12.0))
-
-
-def _save(fig, out: Path) -> None:
-    plt = _pyplot()
-    tmp = out.with_name(out.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, out)
 
 
 def _categories(values) -> tuple[list, np.ndarray]:
@@ -373,7 +355,7 @@ def _label(value) -> str:
 
 
 def _category_colours(labels: list) -> list:
-    plt = _pyplot()
+    plt = pyplot()
     if len(labels) <= 10:
         cmap = plt.get_cmap("tab10")
         return [cmap(i) for i in range(len(labels))]
@@ -385,7 +367,7 @@ def _category_colours(labels: list) -> list:
 
 
 def _panel(ax, xy: np.ndarray, values, column: str, order: np.ndarray, size: float) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     ax.set_title(column, fontsize=10)
     ax.set_xticks([])
     ax.set_yticks([])
@@ -418,7 +400,7 @@ def _panel(ax, xy: np.ndarray, values, column: str, order: np.ndarray, size: flo
 
 def plot_space(xy: np.ndarray, metadata, space: str, out: Path, seed: int = 0, title: str = "") -> Path:
     """One panel per metadata column present (all points uncoloured when there is no metadata)."""
-    plt = _pyplot()
+    plt = pyplot()
     columns = [c for c in PANEL_COLUMNS if metadata is not None and c in metadata.columns]
     n = len(xy)
     order = np.random.default_rng(seed).permutation(n)
@@ -428,7 +410,7 @@ def plot_space(xy: np.ndarray, metadata, space: str, out: Path, seed: int = 0, t
         ax.scatter(xy[order, 0], xy[order, 1], s=size, c="tab:blue", linewidths=0, rasterized=True)
         ax.set(xticks=[], yticks=[], title=f"t-SNE {space} (no catalog metadata)")
         fig.tight_layout()
-        _save(fig, out)
+        save_figure(fig, out, dpi=120)
         return out
     cols = 4 if len(columns) > 4 else len(columns)
     rows = -(-len(columns) // cols)
@@ -439,14 +421,14 @@ def plot_space(xy: np.ndarray, metadata, space: str, out: Path, seed: int = 0, t
         ax.axis("off")
     fig.suptitle(title or f"t-SNE of the {space} PCA features ({n:,} samples)", fontsize=12)
     fig.tight_layout()
-    _save(fig, out)
+    save_figure(fig, out, dpi=120)
     return out
 
 
 def _plot_link(rgb: np.ndarray, ir: np.ndarray, summary: dict, out: Path) -> Path:
     from matplotlib.collections import LineCollection
 
-    plt = _pyplot()
+    plt = pyplot()
     m = len(rgb)
     size = float(np.clip(2 * _marker_size(2 * m), 1.0, 14.0))
     fig, ax = plt.subplots(figsize=(7.5, 7.5))
@@ -462,7 +444,7 @@ def _plot_link(rgb: np.ndarray, ir: np.ndarray, summary: dict, out: Path) -> Pat
     ax.legend(loc="best", markerscale=2)
     ax.autoscale()
     fig.tight_layout()
-    _save(fig, out)
+    save_figure(fig, out, dpi=120)
     return out
 
 
@@ -487,9 +469,8 @@ def _sample(n: int, max_points: int, seed: int) -> tuple[np.ndarray, bool]:
     return np.sort(np.random.default_rng([seed, 0]).choice(n, max_points, replace=False)).astype(np.int64), True
 
 
-def _write_parquet(frames: list[dict], out: Path) -> None:
+def _write_maps(frames: list[dict], out: Path) -> None:
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     table = pa.concat_tables([pa.table({
         "key": pa.array(f["key"], type=pa.string()),
@@ -498,9 +479,7 @@ def _write_parquet(frames: list[dict], out: Path) -> None:
         "x": pa.array(f["xy"][:, 0], type=pa.float32()),
         "y": pa.array(f["xy"][:, 1], type=pa.float32()),
     }) for f in frames]) if frames else pa.table({"key": pa.array([], pa.string())})
-    tmp = out.with_name(out.name + ".tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, out)
+    write_parquet(table, out)
 
 
 def run_tsne(embeddings: Embeddings, results_dir: Path, config: TSNEConfig, seed: int = 0, dataset=None,
@@ -542,7 +521,7 @@ def run_tsne(embeddings: Embeddings, results_dir: Path, config: TSNEConfig, seed
                          "features": int(x.shape[1]), **details}
         log(f"tsne {space}: {len(rows):,} points in {seconds:.0f} s (kNN {details['knn_seconds']:.0f} s, "
             f"optimisation {details['optimise_seconds']:.0f} s)")
-    _write_parquet(frames, results_dir / "tsne.parquet")
+    _write_maps(frames, results_dir / "tsne.parquet")
     link, skipped = _link_map(embeddings, config, seed, config.n_jobs, results_dir / "tsne_link.png", progress)
     if link is not None:
         pngs.append(link["png"])

@@ -45,12 +45,13 @@ class CatalogError(ValueError):
     """A query or selection the catalog cannot answer; the message says why and lists the views."""
 
 
-def _sql_string(value: str) -> str:
+def sql_string(value: str) -> str:
+    """A SQL string literal of ``value`` (quotes doubled)."""
     return "'" + value.replace("'", "''") + "'"
 
 
 def _path_list(paths: list[Path]) -> str:
-    return "[" + ", ".join(_sql_string(str(p.resolve())) for p in paths) + "]"
+    return "[" + ", ".join(sql_string(str(p.resolve())) for p in paths) + "]"
 
 
 class Catalog:

@@ -17,7 +17,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["Dist", "mpi_world", "init_distributed", "abort", "FullGatherLayer", "gather_rows", "SyncBatchNorm1d",
+from training.launcher import launched_by_mpi
+
+__all__ = ["Dist", "mpi_world", "local_device", "init_distributed", "abort", "FullGatherLayer", "gather_rows", "SyncBatchNorm1d",
            "all_mean", "is_distributed", "AllReduceSum", "launched_by_mpi"]
 
 
@@ -33,14 +35,6 @@ class Dist:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-
-# Set by MPI launchers for their ranks: Hydra/MPICH and Slurm's PMI, PMIx, Open MPI, MVAPICH, Cray PALS.
-_LAUNCHER_VARIABLES = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE", "PALS_RANKID")
-
-
-def launched_by_mpi() -> bool:
-    return any(name in os.environ for name in _LAUNCHER_VARIABLES)
 
 
 def mpi_world() -> tuple[int, int, int, int]:
@@ -102,15 +96,20 @@ def _free_port(address: str) -> int:
         return sock.getsockname()[1]
 
 
+def local_device(local_rank: int, use_cuda: bool | None = None) -> torch.device:
+    """This rank's device: the node-local rank picks the GPU (made current), else the CPU."""
+    if torch.cuda.is_available() if use_cuda is None else use_cuda:
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        return device
+    return torch.device("cpu")
+
+
 def init_distributed(timeout_s: float, use_cuda: bool | None = None) -> Dist:
     """Join all MPI ranks in one torch.distributed process group (none for a single process)."""
     rank, world, local_rank, local_size = mpi_world()
-    cuda = torch.cuda.is_available() if use_cuda is None else use_cuda
-    if cuda:
-        device = torch.device("cuda", local_rank % torch.cuda.device_count())
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
+    device = local_device(local_rank, use_cuda)
+    cuda = device.type == "cuda"
     if world == 1:
         return Dist(0, 1, 0, 1, device, None)
     address = _rendezvous_address(rank)

@@ -14,7 +14,10 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
+import queue
 import signal
+import threading
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -335,9 +338,6 @@ class DevicePrefetcher:
 
     def __init__(self, batches, prepare: Callable[[dict], tuple[torch.Tensor, ...]], device: torch.device,
                  depth: int = 2, threaded: bool | None = None) -> None:
-        import queue
-        import threading
-
         self.batches, self.prepare, self.device = iter(batches), prepare, device
         self.threaded = device.type == "cuda" if threaded is None else threaded
         self.closed = False
@@ -370,8 +370,6 @@ class DevicePrefetcher:
             self._put(exc)
 
     def _put(self, item) -> None:
-        import queue
-
         while not self.stop.is_set():
             try:
                 self.queue.put(item, timeout=0.1)
@@ -383,8 +381,6 @@ class DevicePrefetcher:
         return self
 
     def __next__(self):
-        import time
-
         started = time.perf_counter()
         if not self.threaded:
             batch = next(self.batches)
@@ -413,9 +409,6 @@ class DevicePrefetcher:
         if self.closed or not self.threaded:
             self.closed = True
             return
-        import queue
-        import time
-
         self.closed = True
         self.stop.set()
         deadline = time.monotonic() + timeout_s  # a loader that never yields again must not hang the exit

@@ -128,6 +128,12 @@ def model_spec(config: TrainingConfig) -> dict[str, Any]:
     }
 
 
+def initial_model(config: TrainingConfig, spec: dict[str, Any]) -> VICReg:
+    """The model a run starts from: seeded by train.seed, so analysis' random-init baseline is exactly it."""
+    torch.manual_seed(config.train.seed)
+    return VICReg(config.model, tuple(spec["first_hw"]), tuple(spec["second_hw"]), tuple(spec["channels"]))
+
+
 def _schedule(config: TrainingConfig, world_size: int, selection: pa.Table) -> dict[str, Any]:
     o, t = config.optim, config.train
     return {
@@ -304,9 +310,7 @@ class Trainer:
     # -- set-up --
     def build(self) -> None:
         c, device = self.config, self.dist.device
-        torch.manual_seed(c.train.seed)
-        spec = self.plan.model_spec
-        model = VICReg(c.model, tuple(spec["first_hw"]), tuple(spec["second_hw"]), tuple(spec["channels"])).to(device)
+        model = initial_model(c, self.plan.model_spec).to(device)
         self.optimizer = build_optimizer(model, c.optim, fused=device.type == "cuda")
         if self.plan.resume_from:
             state = load_checkpoint(Path(self.plan.resume_from))
