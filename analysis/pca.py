@@ -42,7 +42,7 @@ class PCAFit:
 
 def _mpi():
     """MPI.COMM_WORLD when an MPI launcher started this process with more than one rank, else None."""
-    from training.launcher import launched_by_mpi
+    from catalog.runinfo import launched_by_mpi
 
     if not launched_by_mpi():
         return None

@@ -20,7 +20,19 @@ from typing import Any, TypeVar
 
 import tomli_w
 
-__all__ = ["ConfigError", "config_from_dict", "read_toml", "load_config", "config_to_dict", "dump_config", "provenance"]
+__all__ = [
+    "ConfigError", "config_from_dict", "read_toml", "load_config", "config_to_dict", "dump_config", "provenance",
+    "launched_by_mpi",
+]
+
+# Set by MPI launchers for their ranks: Hydra/MPICH and Slurm's PMI, PMIx, Open MPI, MVAPICH, Cray PALS.
+_LAUNCHER_VARIABLES = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE", "PALS_RANKID")
+
+
+def launched_by_mpi() -> bool:
+    """Whether an MPI launcher started this process (asked without importing MPI, which cannot always start
+    without a launcher, and without torch: the PCA and ingest processes stay small)."""
+    return any(name in os.environ for name in _LAUNCHER_VARIABLES)
 
 T = TypeVar("T")
 

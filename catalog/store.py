@@ -8,9 +8,9 @@ DATASET/
   catalog/snapshots/snap-NNNNNN/         compacted samples + files + nodes, covering the runs in manifest.json
 ```
 
-- An ingest run writes its shards, then ``runs/run-N.tmp/``, fsyncs it and renames it to ``runs/run-N/``:
-  that rename is the commit. Anything else a killed run left (``*.tmp``, shards no part lists) is removed by
-  the next writer, under the lock.
+- An ingest run writes its shards (in ``shards/run-N.tmp/``, then renamed into ``shards/``), then
+  ``runs/run-N.tmp/``, fsyncs it and renames it to ``runs/run-N/``: that rename is the commit. Anything else a
+  killed run left (``*.tmp``, shards no part lists) is removed by the next writer, under the lock.
 - A snapshot is an optimisation and the way ``set-nodes`` recomputes location columns without touching a
   shard: readers take the newest snapshot plus every committed run it does not cover.
 - ``files`` rows are the latest word on each path: a later run's row replaces an earlier one (an
@@ -116,7 +116,10 @@ class DatasetLayout:
                         removed.append(str(p.relative_to(self.root)))
         if self.shards_dir.is_dir():
             for p in self.shards_dir.iterdir():
-                if p.name.endswith(".tar.tmp") or (p.name.endswith(".tar") and p.name not in committed_shards):
+                if p.is_dir() and p.name.endswith(".tmp"):  # a run's work directory (segments, unnamed shards)
+                    shutil.rmtree(p)
+                    removed.append(str(p.relative_to(self.root)))
+                elif p.name.endswith(".tar.tmp") or (p.name.endswith(".tar") and p.name not in committed_shards):
                     p.unlink()
                     removed.append(str(p.relative_to(self.root)))
         return removed

@@ -1,39 +1,46 @@
 """`ingest build-shards`: raw SAGE downloads -> WebDataset shards + one committed catalog part per run.
 
 Order of work (DESIGN.md): lock the dataset; remove what a killed run left; scan RAW; join metadata; plan
-frames; decode frames in worker processes while the parent writes shards in (VSN, ts_ns) order; commit the
-run's catalog part by rename; compact the catalog. Every raw file ends with exactly one decision.
+frames; write them into shards in (VSN, ts_ns) order with worker processes (ingest/share.py); rename the
+shards into place; commit the run's catalog part by rename; compact the catalog. Every raw file ends with
+exactly one decision.
+
+Under ``mpiexec -n R`` (on a filesystem every rank sees) rank 0 does all of that except the frames: it sends
+each rank a consecutive share of them, balanced by bytes; every rank writes its share into shards of its own
+with its own workers; rank 0 gathers what they wrote, names the shards in rank order and commits one catalog
+part. A rank that fails fails the run with nothing committed, and MPI ends every rank when one dies; the next
+run, with any R, removes what was left and does the work.
 """
 
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
+import shutil
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-from tqdm import tqdm
 
 from catalog.location import load_nodes_csv, node_periods, splits
 from catalog.maintain import location_table, set_nodes_locked, write_snapshot
 from catalog.query import Catalog
-from catalog.runinfo import dump_config, provenance
+from catalog.runinfo import dump_config, launched_by_mpi, provenance
 from catalog.schema import FILES, LOCATION_COLUMNS, NODES, RUNS, SAMPLES, SHARDS
 from catalog.store import DatasetLayout, dataset_lock, write_parts
 from ingest.config import IngestConfig
 from ingest.frames import FileDecision, FrameTask, RawFile, metadata_file_kind, plan_frames
 from ingest.metadata import MetadataError, UploadRecord, read_metadata_frame, upload_records
 from ingest.naming import is_sky_position
-from ingest.process import FrameResult, init_worker, process_in_worker, process_safely
-from shards.layout import MEMBERS, shard_index
-from shards.writer import ShardWriter
+from ingest.process import FrameResult
+from ingest.share import ShareOutcome, split_by_bytes, write_share
+from shards.layout import MEMBERS, shard_index, shard_name
+from shards.writer import MemberLocation, SampleLocation, ShardRecord, fsync_dir
 
 __all__ = ["BuildSummary", "BuildError", "build_shards", "scan_raw"]
 
@@ -131,19 +138,6 @@ def _same_nodes(a: pa.Table, b: pa.Table) -> bool:
     return rows(a) == rows(b)
 
 
-def _decode(tasks: list[FrameTask], raw_dir: Path, config: IngestConfig, workers: int) -> Iterator[FrameResult]:
-    if workers <= 1 and len(tasks) < 8:
-        for task in tasks:
-            yield process_safely(task, str(raw_dir), config)
-        return
-    # fork: workers start in milliseconds with everything imported; spawn would re-import the whole command
-    # (pandas, duckdb, pyarrow: about 2 s per worker), which is most of a small incremental run.
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    context = multiprocessing.get_context(method)
-    with context.Pool(workers, initializer=init_worker, initargs=(str(raw_dir), config)) as pool:
-        yield from pool.imap(process_in_worker, tasks, chunksize=1)
-
-
 def _decision_row(d: FileDecision, run_id: str) -> dict:
     return {
         "path": d.path, "bytes": d.bytes, "vsn": d.vsn, "ts_ns": d.ts_ns, "role": d.role, "status": d.status,
@@ -184,6 +178,82 @@ def _changed(row: dict, previous: dict | None) -> bool:
     return any(row[k] != previous.get(k) for k in ("bytes", "status", "reason", "detail", "key", "role"))
 
 
+class _Ranks:
+    """The MPI ranks of a build: just this process without mpiexec. Rank 0 locks, plans and commits; every
+    rank writes a share of the frames into shards of its own."""
+
+    def __init__(self) -> None:
+        self.comm = None
+        self.rank, self.size, self.local_size = 0, 1, 1
+        self.announced = False
+        if launched_by_mpi():
+            from mpi4py import MPI
+
+            if MPI.COMM_WORLD.Get_size() > 1:
+                self.comm = MPI.COMM_WORLD
+                local = self.comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.comm.Get_rank())
+                self.rank, self.size, self.local_size = self.comm.Get_rank(), self.comm.Get_size(), local.Get_size()
+                local.Free()
+
+    def announce(self, plan: _SharePlan | None) -> None:
+        """Rank 0: send the plan (None: nothing for the other ranks to do); the others wait for it in follow()."""
+        if self.comm is not None and not self.announced:
+            self.comm.bcast(plan, root=0)
+        self.announced = True
+
+    def gather(self, value):
+        return self.comm.gather(value, root=0) if self.comm is not None else [value]
+
+
+@dataclass(frozen=True)
+class _SharePlan:
+    run_id: str
+    raw: str
+    work_dir: str
+    shares: list[list[FrameTask]]
+    config: IngestConfig
+
+
+@dataclass(frozen=True)
+class _ShareFailed:
+    rank: int
+    error: str
+
+
+def _workers(config: IngestConfig, ranks: _Ranks) -> int:
+    """Worker processes per rank: the configured number, else this node's cores shared by its ranks."""
+    return config.workers or max(1, (os.cpu_count() or 1) // ranks.local_size)
+
+
+def _write_own_share(
+    ranks: _Ranks, share: list[FrameTask], raw: Path, config: IngestConfig, work_dir: Path, progress: bool
+) -> list[ShareOutcome]:
+    """This rank's share, then every rank's outcome on rank 0 (a failed rank's error instead of its outcome).
+    Every rank reaches the gather even when its share failed, so no rank waits for ever."""
+    try:
+        mine: ShareOutcome | _ShareFailed = write_share(
+            share, raw, config, _workers(config, ranks), work_dir, f"r{ranks.rank:04d}", progress
+        )
+    except Exception as exc:  # noqa: BLE001 - reported by rank 0, which commits nothing
+        mine = _ShareFailed(ranks.rank, f"{type(exc).__name__}: {exc}")
+    outcomes = ranks.gather(mine)
+    if ranks.rank != 0:
+        if isinstance(mine, _ShareFailed):
+            raise BuildError(f"rank {ranks.rank}: {mine.error}; nothing was committed")
+        return []
+    failed = [o for o in outcomes if isinstance(o, _ShareFailed)]
+    if failed:
+        raise BuildError("; ".join(f"rank {f.rank}: {f.error}" for f in failed) + "; nothing was committed")
+    return outcomes
+
+
+def _follow(ranks: _Ranks, progress: bool) -> None:
+    """Ranks other than 0: write the share rank 0 planned for this rank, if it planned any."""
+    plan: _SharePlan | None = ranks.comm.bcast(None, root=0)
+    if plan is not None:
+        _write_own_share(ranks, plan.shares[ranks.rank], Path(plan.raw), plan.config, Path(plan.work_dir), progress)
+
+
 def build_shards(
     raw_dir: str | os.PathLike[str],
     dataset: str | os.PathLike[str],
@@ -193,8 +263,26 @@ def build_shards(
     progress: bool = True,
     recheck_rejects: bool = False,
     log: Callable[[str], None] = print,
+) -> BuildSummary | None:
+    """Ingest RAW into DATASET; see the module docstring. Raises BuildError or DatasetLocked before writing.
+
+    Under ``mpiexec -n R`` (R > 1) every rank calls this with the same arguments: rank 0 returns the summary,
+    the others None once their share is written.
+    """
+    ranks = _Ranks()
+    if ranks.rank != 0:
+        _follow(ranks, progress=False)
+        return None
+    try:
+        return _lead(ranks, raw_dir, dataset, config, nodes_csv, argv, progress, recheck_rejects, log)
+    finally:
+        ranks.announce(None)  # a no-op once the plan went out; else it releases the ranks waiting for one
+
+
+def _lead(
+    ranks: _Ranks, raw_dir, dataset, config: IngestConfig, nodes_csv, argv, progress: bool, recheck_rejects: bool,
+    log: Callable[[str], None],
 ) -> BuildSummary:
-    """Ingest RAW into DATASET; see the module docstring. Raises BuildError or DatasetLocked before writing."""
     started = datetime.now(timezone.utc)
     t_start = time.perf_counter()
     raw = Path(raw_dir).resolve()
@@ -209,7 +297,6 @@ def build_shards(
             new_nodes = load_nodes_csv(nodes_csv)
         except ValueError as exc:
             raise BuildError(str(exc)) from None
-    workers = config.workers or os.cpu_count() or 1
 
     with dataset_lock(root, f"ingest build-shards {raw}"):
         layout = DatasetLayout(root)
@@ -247,31 +334,20 @@ def build_shards(
         node_ids = nodes.column("node_id").to_pylist() + [None]
         tasks = [replace(t, node_id=node_ids[p] or t.node_id) for t, p in zip(tasks, period)]
 
-        sample_rows: list[dict] = []
-        writer = ShardWriter(
-            layout.shards_dir, config.shard_prefix, state.next_shard, int(config.shard_target_mb * 1024 * 1024)
-        )
+        work_dir = layout.shards_dir / f"{run_id}.tmp"
+        shares = split_by_bytes(tasks, ranks.size)
+        ranks.announce(_SharePlan(run_id, str(raw), str(work_dir), shares, config))
         t_decode = time.perf_counter()
         try:
-            bar = tqdm(total=len(tasks), unit="frame", desc="ingest", disable=not progress or not tasks, smoothing=0.1)
-            by_key = {t.key: t for t in tasks}
-            for result in _decode(tasks, raw, config, workers):
-                task = by_key[result.key]
-                bar.update(1)
-                if result.members is None:
-                    decisions += _reject_decisions(task, result)
-                    continue
-                location = writer.write(task.key, result.members, mtime=task.ts_ns // 1_000_000_000)
-                sample_rows.append(_sample_row(task, result, location, run_id))
-                decisions.append(FileDecision(task.rgb_path, task.rgb_bytes, task.vsn, task.ts_ns, "rgb", "sample", key=task.key))
-                decisions.append(
-                    FileDecision(task.thermal_path, task.thermal_bytes, task.vsn, task.ts_ns, "thermal", "sample", key=task.key)
-                )
-            bar.close()
-            shard_records = writer.close()
+            outcomes = _write_own_share(ranks, shares[0], raw, config, work_dir, progress)
+            sample_rows, shard_records, decided = _place_shards(
+                shares, outcomes, layout, config.shard_prefix, state.next_shard, run_id
+            )
+            shutil.rmtree(work_dir, ignore_errors=True)
         except BaseException:
-            writer.abort()
+            shutil.rmtree(work_dir, ignore_errors=True)
             raise
+        decisions += decided
         summary.decode_seconds = time.perf_counter() - t_decode
         summary.frames_decoded = len(tasks)
 
@@ -320,6 +396,40 @@ def build_shards(
         summary.samples_per_node = {r["vsn"]: r["n"] for r in per_node}
     summary.seconds = time.perf_counter() - t_start
     return summary
+
+
+def _place_shards(
+    shares: list[list[FrameTask]], outcomes: list[ShareOutcome], layout: DatasetLayout, prefix: str,
+    first_index: int, run_id: str,
+) -> tuple[list[dict], list[ShardRecord], list[FileDecision]]:
+    """Name every rank's assembled shards in rank order and rename them into ``shards/``; the samples' rows
+    (with their final shard and offsets) and every frame's two file decisions."""
+    rows: list[dict] = []
+    records: list[ShardRecord] = []
+    decisions: list[FileDecision] = []
+    index = first_index
+    for share, outcome in zip(shares, outcomes):
+        names = []
+        for shard in outcome.shards:
+            name = shard_name(prefix, index)
+            index += 1
+            os.rename(shard.path, layout.shards_dir / name)
+            records.append(ShardRecord(name, shard.sha256, shard.bytes, len(shard.keys), shard.keys[0], shard.keys[-1]))
+            names.append(name)
+        for task, result in zip(share, outcome.results, strict=True):
+            if result.rejected:
+                decisions += _reject_decisions(task, result)
+                continue
+            shard, offset = outcome.where[task.key]
+            place = result.placement
+            members = {ext: MemberLocation(offset + m.offset, m.size) for ext, m in place.members.items()}
+            rows.append(_sample_row(task, result, SampleLocation(names[shard], offset, place.length, members), run_id))
+            decisions.append(FileDecision(task.rgb_path, task.rgb_bytes, task.vsn, task.ts_ns, "rgb", "sample", key=task.key))
+            decisions.append(
+                FileDecision(task.thermal_path, task.thermal_bytes, task.vsn, task.ts_ns, "thermal", "sample", key=task.key)
+            )
+    fsync_dir(layout.shards_dir)
+    return rows, records, decisions
 
 
 def _flat(prov: dict) -> dict:

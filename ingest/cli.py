@@ -108,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         except (ConfigError, BuildError, DatasetLocked) as exc:
             print(f"ingest build-shards: {exc}", file=sys.stderr)
             return 3 if isinstance(exc, DatasetLocked) else 2
-        _print_summary(summary, args.dataset)
+        if summary is not None:  # None: an MPI rank other than 0, whose share rank 0 reports
+            _print_summary(summary, args.dataset)
         return 0
     if args.command == "download":
         return _download(args)

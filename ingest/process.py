@@ -1,15 +1,17 @@
 """Turn one frame into the bytes of a sample, or into a reject (runs in worker processes).
 
 The work per frame is irreducible: read two files, parse the CSV, decode the optical half at the smallest
-JPEG scale that still covers the output, crop+resize, encode. Everything else (tar, hashing, catalog) stays in
-the parent, which receives only the finished member bytes.
+JPEG scale that still covers the output, crop+resize, encode. Workers take frames a piece (a few consecutive
+frames) at a time and append each kept sample's tar bytes to the piece's segment file, so what travels back to
+the parent is a few hundred bytes a frame (where the bytes are, the stats, or why it was rejected), never the
+images: the parent's work per frame stays small however many workers feed it.
 """
 
 from __future__ import annotations
 
 import io
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +21,22 @@ from ingest.frames import FrameTask
 from ingest.optical import CorruptJPEGError, crop_optical, encode_jpeg, mean_brightness
 from ingest.thermal import ThermalCSVError, check_celsius_values, parse_celsius_csv
 from shards.layout import IR_MEMBER, JSON_MEMBER, RGB_MEMBER
+from shards.writer import MemberLocation, sample_bytes
 
-__all__ = ["FrameResult", "process_frame", "process_safely", "encode_npy", "sample_json"]
+__all__ = [
+    "FrameResult", "SegmentSample", "Piece", "process_frame", "process_safely", "process_piece", "encode_npy",
+    "sample_json",
+]
+
+
+@dataclass(frozen=True)
+class SegmentSample:
+    """Where a kept sample's tar bytes are in its piece's segment file."""
+
+    segment: str
+    offset: int
+    length: int
+    members: dict[str, MemberLocation]  # data offsets relative to the sample's first byte
 
 
 @dataclass(frozen=True)
@@ -31,6 +47,20 @@ class FrameResult:
     reason: str | None = None
     detail: str | None = None
     culprit: str | None = None  # the file at fault (relative path)
+    placement: SegmentSample | None = None  # set (and members dropped) once the bytes are in a segment
+
+    @property
+    def rejected(self) -> bool:
+        return self.reason is not None
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Consecutive frames one worker turns into samples, appending their bytes to ``segment``."""
+
+    index: int
+    tasks: tuple[FrameTask, ...]
+    segment: str
 
 
 def encode_npy(array: np.ndarray) -> bytes:
@@ -107,17 +137,22 @@ def process_frame(task: FrameTask, raw_dir: str, config: IngestConfig) -> FrameR
     return FrameResult(task.key, members, stats)
 
 
-# Worker-process state: set once by the pool initializer, so tasks carry only the FrameTask.
-_WORKER: dict[str, object] = {}
-
-
-def init_worker(raw_dir: str, config: IngestConfig) -> None:
-    _WORKER["raw_dir"] = raw_dir
-    _WORKER["config"] = config
-
-
-def process_in_worker(task: FrameTask) -> FrameResult:
-    return process_safely(task, _WORKER["raw_dir"], _WORKER["config"])  # type: ignore[arg-type]
+def process_piece(piece: Piece, raw_dir: str, config: IngestConfig) -> list[FrameResult]:
+    """Every frame of the piece, in order; kept samples' bytes go to the segment file (not fsynced: a shard is
+    assembled from it and fsynced before anything trusts those bytes)."""
+    results = []
+    position = 0
+    with open(piece.segment, "wb") as segment:
+        for task in piece.tasks:
+            result = process_safely(task, raw_dir, config)
+            if result.members is not None:
+                data, members = sample_bytes(task.key, result.members, mtime=task.ts_ns // 1_000_000_000)
+                segment.write(data)
+                placement = SegmentSample(piece.segment, position, len(data), members)
+                result = replace(result, members=None, placement=placement)
+                position += len(data)
+            results.append(result)
+    return results
 
 
 def process_safely(task: FrameTask, raw_dir: str, config: IngestConfig) -> FrameResult:

@@ -1,9 +1,14 @@
-"""Write WebDataset shards atomically: ``*.tar.tmp`` -> fsync -> sha256 -> rename.
+"""Write WebDataset shards atomically: a temporary file -> fsync -> sha256 -> rename.
 
 Shards are plain USTAR with fixed uid/gid/mode/owner names and each member's mtime set to the capture time,
 so the same samples always give the same bytes. Member byte offsets are returned for the catalog, which is
 what lets readers seek straight to a sample. A shard only becomes visible under its final name once it is
 complete and on disk; a reader still trusts it only when the catalog lists it with a matching sha256.
+
+The work is split so that it scales over processes (and MPI ranks): whoever makes a sample turns it into its
+tar bytes (:func:`sample_bytes`) and appends them to a segment file; :class:`ShardCuts` decides, from the
+samples' lengths alone, where each shard ends; :func:`assemble_shard` concatenates byte ranges of segments
+into a complete, fsynced, hashed shard. The bytes of a shard depend only on its samples, in order.
 """
 
 from __future__ import annotations
@@ -11,21 +16,24 @@ from __future__ import annotations
 import hashlib
 import os
 import tarfile
-from collections.abc import Callable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
-from shards.layout import BLOCK, KEY_RE, MEMBERS, member_span, shard_name
+from shards.layout import BLOCK, KEY_RE, MEMBERS, member_span
 
-__all__ = ["MemberLocation", "SampleLocation", "ShardRecord", "ShardWriter", "fsync_dir"]
+__all__ = [
+    "MemberLocation", "SampleLocation", "ShardRecord", "sample_bytes", "ShardCuts", "assemble_shard",
+    "fsync_dir",
+]
 
 _OWNER = "sagepairs"
+_COPY_BYTES = 8 << 20
 
 
 @dataclass(frozen=True)
 class MemberLocation:
-    offset: int  # first data byte in the shard
+    offset: int  # first data byte (in the shard, or relative to the sample's start in :func:`sample_bytes`)
     size: int  # data bytes
 
 
@@ -47,22 +55,88 @@ class ShardRecord:
     last_key: str
 
 
-class _HashingWriter:
-    """File wrapper that hashes and counts what tarfile writes, so a shard is never read back to hash it."""
+def sample_bytes(key: str, members: dict[str, bytes], mtime: int) -> tuple[bytes, dict[str, MemberLocation]]:
+    """One sample as the tar bytes of its members (header, data, zero padding each) and where each member's
+    data starts relative to the first byte: what ``tarfile.addfile`` writes, without its 16 KiB copy loop."""
+    if not KEY_RE.match(key):
+        raise ValueError(f"invalid sample key {key!r}")
+    if tuple(members) != MEMBERS:
+        raise ValueError(f"sample {key}: members must be exactly {MEMBERS} in that order, got {tuple(members)}")
+    parts: list[bytes] = []
+    locations = {}
+    position = 0
+    for ext, data in members.items():
+        info = tarfile.TarInfo(f"{key}.{ext}")
+        info.size = len(data)
+        info.mtime = mtime
+        info.mode = 0o444
+        info.uid = info.gid = 0
+        info.uname = info.gname = _OWNER
+        info.type = tarfile.REGTYPE
+        header = info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+        locations[ext] = MemberLocation(offset=position + len(header), size=len(data))
+        parts += [header, data, bytes(-len(data) % BLOCK)]
+        position += member_span(len(data))
+    return b"".join(parts), locations
 
-    def __init__(self, raw: BinaryIO) -> None:
-        self.raw = raw
-        self.sha256 = hashlib.sha256()
-        self.position = 0
 
-    def write(self, data: bytes) -> int:
-        self.sha256.update(data)
-        self.raw.write(data)
-        self.position += len(data)
-        return len(data)
+class ShardCuts:
+    """Where shards end in an ordered stream of samples: a shard is closed before a sample would take it (with
+    the end-of-archive blocks) past ``target_bytes``; a sample larger than that gets a shard of its own."""
 
-    def tell(self) -> int:
-        return self.position
+    def __init__(self, target_bytes: int) -> None:
+        self.target_bytes = target_bytes
+        self.shard_bytes = 0
+        self.shard_samples = 0
+
+    def starts_shard(self, length: int) -> bool:
+        """Add a sample of ``length`` bytes; True when it is the first of a new shard."""
+        new = self.shard_samples == 0 or self.shard_bytes + length + 2 * BLOCK > self.target_bytes
+        if new:
+            self.shard_bytes = self.shard_samples = 0
+        self.shard_bytes += length
+        self.shard_samples += 1
+        return new
+
+
+def _archive_end(position: int) -> bytes:
+    """End of archive as tarfile writes it: two zero blocks, then zeros to a whole 20-block record."""
+    end = position + 2 * BLOCK
+    return bytes(2 * BLOCK + -end % tarfile.RECORDSIZE)
+
+
+def assemble_shard(path: str | os.PathLike[str], ranges: Iterable[tuple[str | os.PathLike[str], int, int]]) -> tuple[str, int]:
+    """Write a complete shard to ``path`` from ``(segment file, offset, length)`` ranges of sample bytes, in
+    order, then the end of archive; fsync it. Returns (sha256, bytes). The caller renames it into place."""
+    sha256 = hashlib.sha256()
+    position = 0
+    handles: dict[str, object] = {}
+    try:
+        with open(path, "wb") as out:
+            for segment, offset, length in ranges:
+                source = handles.get(str(segment))
+                if source is None:
+                    source = handles[str(segment)] = open(segment, "rb")
+                source.seek(offset)  # type: ignore[attr-defined]
+                left = length
+                while left:
+                    chunk = source.read(min(left, _COPY_BYTES))  # type: ignore[attr-defined]
+                    if not chunk:
+                        raise OSError(f"{segment}: ends before byte {offset + length} (truncated segment)")
+                    sha256.update(chunk)
+                    out.write(chunk)
+                    left -= len(chunk)
+                    position += len(chunk)
+            end = _archive_end(position)
+            sha256.update(end)
+            out.write(end)
+            position += len(end)
+            out.flush()
+            os.fsync(out.fileno())
+    finally:
+        for source in handles.values():
+            source.close()  # type: ignore[attr-defined]
+    return sha256.hexdigest(), position
 
 
 def fsync_dir(path: Path) -> None:
@@ -71,113 +145,3 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-class ShardWriter:
-    """Append samples to numbered shards, starting a new shard before one would pass ``target_bytes``.
-
-    ``on_commit`` is called with each ShardRecord right after its rename.
-    """
-
-    def __init__(
-        self,
-        directory: Path,
-        prefix: str,
-        first_index: int,
-        target_bytes: int,
-        on_commit: Callable[[ShardRecord], None] | None = None,
-    ) -> None:
-        self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self.prefix = prefix
-        self.next_index = first_index
-        self.target_bytes = target_bytes
-        self.on_commit = on_commit
-        self.committed: list[ShardRecord] = []
-        self._file: BinaryIO | None = None
-        self._hasher: _HashingWriter | None = None
-        self._name = ""
-        self._keys: list[str] = []
-
-    def _open(self) -> None:
-        self._name = shard_name(self.prefix, self.next_index)
-        self.next_index += 1
-        self._file = open(self.directory / (self._name + ".tmp"), "wb")
-        self._hasher = _HashingWriter(self._file)
-        self._keys = []
-
-    def write(self, key: str, members: dict[str, bytes], mtime: int) -> SampleLocation:
-        if not KEY_RE.match(key):
-            raise ValueError(f"invalid sample key {key!r}")
-        if tuple(members) != MEMBERS:
-            raise ValueError(f"sample {key}: members must be exactly {MEMBERS} in that order, got {tuple(members)}")
-        size = sum(member_span(len(data)) for data in members.values())
-        if self._hasher is not None and self._keys and self._hasher.position + size + 2 * BLOCK > self.target_bytes:
-            self._commit()
-        if self._hasher is None:
-            self._open()
-        assert self._hasher is not None
-        start = self._hasher.position
-        locations = {}
-        for ext, data in members.items():
-            info = tarfile.TarInfo(f"{key}.{ext}")
-            info.size = len(data)
-            info.mtime = mtime
-            info.mode = 0o444
-            info.uid = info.gid = 0
-            info.uname = info.gname = _OWNER
-            info.type = tarfile.REGTYPE
-            # One header block, the data, zero padding to a whole block: what tarfile.addfile writes, in
-            # three writes instead of a 16 KiB copy loop.
-            header = info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
-            self._hasher.write(header)
-            locations[ext] = MemberLocation(offset=self._hasher.position, size=len(data))
-            self._hasher.write(data)
-            if len(data) % BLOCK:
-                self._hasher.write(bytes(BLOCK - len(data) % BLOCK))
-        self._keys.append(key)
-        return SampleLocation(self._name, start, self._hasher.position - start, locations)
-
-    def _commit(self) -> None:
-        assert self._file is not None and self._hasher is not None
-        # End of archive as tarfile writes it: two zero blocks, then zeros to a whole 20-block record.
-        self._hasher.write(bytes(2 * BLOCK))
-        if self._hasher.position % tarfile.RECORDSIZE:
-            self._hasher.write(bytes(tarfile.RECORDSIZE - self._hasher.position % tarfile.RECORDSIZE))
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        tmp = self.directory / (self._name + ".tmp")
-        os.rename(tmp, self.directory / self._name)
-        fsync_dir(self.directory)
-        record = ShardRecord(
-            name=self._name,
-            sha256=self._hasher.sha256.hexdigest(),
-            bytes=self._hasher.position,
-            n_samples=len(self._keys),
-            first_key=self._keys[0],
-            last_key=self._keys[-1],
-        )
-        self.committed.append(record)
-        self._file = self._hasher = None
-        if self.on_commit is not None:
-            self.on_commit(record)
-
-    def close(self) -> list[ShardRecord]:
-        """Commit the open shard (if it has samples) and return every shard this writer committed."""
-        if self._hasher is not None:
-            if self._keys:
-                self._commit()
-            else:
-                self.abort()
-        return self.committed
-
-    def abort(self) -> None:
-        """Drop the open shard's temporary file (committed shards stay)."""
-        if self._file is not None:
-            self._file.close()
-            try:
-                os.unlink(self.directory / (self._name + ".tmp"))
-            except FileNotFoundError:
-                pass
-        self._file = self._hasher = None

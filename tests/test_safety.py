@@ -62,8 +62,8 @@ def _kill_when(process: subprocess.Popen, condition, timeout: float = 120.0) -> 
 
 
 KILL_POINTS = {
-    "while writing the first shard": lambda ds: any((ds / "shards").glob("*.tar.tmp")),
-    "after two shards were committed": lambda ds: len(list((ds / "shards").glob("*.tar"))) >= 2,
+    "while decoding the first frames": lambda ds: any((ds / "shards").glob("*.tmp/*.seg")),
+    "after two shards were assembled": lambda ds: len(list((ds / "shards").glob("*.tmp/*.tar"))) >= 2,
     "while writing the catalog part": lambda ds: any((ds / "catalog" / "runs").glob("*.tmp")),
 }
 
@@ -82,7 +82,7 @@ def test_sigkill_then_rerun_equals_uninterrupted(point, synth_raw, reference, tm
             with catalog.open(dataset) as cat:
                 assert cat.query("SELECT count(*) AS n FROM runs").to_pylist()[0]["n"] == 0
     summary = build_shards(synth_raw, dataset, SMALL_SHARDS, nodes_csv=synth_raw / "nodes.csv", **QUIET)
-    if killed and point != "while writing the first shard":
+    if killed and point != "while decoding the first frames":
         assert summary.removed_uncommitted, "the rerun should have removed what the killed run left"
     assert snapshot_of(dataset) == reference
     assert not list(dataset.rglob("*.tmp"))

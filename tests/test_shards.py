@@ -140,29 +140,42 @@ def catalog_cli(argv):
 
 
 def test_writer_bytes_equal_tarfile_and_roll_over(tmp_path):
+    """Samples written to two segment files, cut by size and assembled, give exactly tarfile's bytes."""
     import io
     import tarfile
 
-    from shards.writer import ShardWriter
+    from shards.writer import ShardCuts, assemble_shard, sample_bytes
 
     samples = [(f"W056_{i}", {"ir.npy": bytes([i]) * (1000 + i), "json": b"{}", "rgb.jpg": bytes(513 + i)}) for i in range(5)]
-    writer = ShardWriter(tmp_path, "t", 0, target_bytes=6000)
-    locations = [writer.write(key, members, mtime=1685708796 + i) for i, (key, members) in enumerate(samples)]
-    records = writer.close()
-    assert len(records) > 1 and not list(tmp_path.glob("*.tmp"))
-    for record in records:
+    segments = [tmp_path / "a.seg", tmp_path / "b.seg"]
+    cuts = ShardCuts(target_bytes=6000)
+    shards: list[list] = []  # per shard: (key, mtime, members, range in a segment, offset in the shard)
+    for i, (key, members) in enumerate(samples):
+        data, relative = sample_bytes(key, members, mtime=1685708796 + i)
+        segment = segments[i * len(segments) // len(samples)]
+        with open(segment, "ab") as out:
+            start = out.tell()
+            out.write(data)
+        if cuts.starts_shard(len(data)):
+            shards.append([])
+        shards[-1].append((key, 1685708796 + i, members, (str(segment), start, len(data)), cuts.shard_bytes - len(data), relative))
+    assert len(shards) > 1
+    for n, shard in enumerate(shards):
+        path = tmp_path / f"{n}.tar"
+        sha256, size = assemble_shard(path, [s[3] for s in shard])
         reference = io.BytesIO()
         with tarfile.open(fileobj=reference, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-            for i, (key, members) in enumerate(samples):
-                if not record.first_key <= key <= record.last_key:
-                    continue
+            for key, mtime, members, _, _, _ in shard:
                 for ext, data in members.items():
                     info = tarfile.TarInfo(f"{key}.{ext}")
-                    info.size, info.mtime, info.mode, info.uid, info.gid = len(data), 1685708796 + i, 0o444, 0, 0
+                    info.size, info.mtime, info.mode, info.uid, info.gid = len(data), mtime, 0o444, 0, 0
                     info.uname = info.gname = "sagepairs"
                     tar.addfile(info, io.BytesIO(data))
-        assert (tmp_path / record.name).read_bytes() == reference.getvalue()
-        assert record.sha256 == hashlib.sha256(reference.getvalue()).hexdigest()
-    data = (tmp_path / locations[-1].shard).read_bytes()
-    member = locations[-1].members["ir.npy"]
-    assert data[member.offset : member.offset + member.size] == samples[-1][1]["ir.npy"]
+        data = path.read_bytes()
+        assert data == reference.getvalue() and size == len(data)
+        assert sha256 == hashlib.sha256(data).hexdigest()
+        for _, _, members, _, offset, relative in shard:
+            for ext, member in relative.items():
+                assert data[offset + member.offset : offset + member.offset + member.size] == members[ext]
+    with pytest.raises(OSError, match="truncated"):
+        assemble_shard(tmp_path / "bad.tar", [(str(segments[0]), 0, segments[0].stat().st_size + 1)])

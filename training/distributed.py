@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from training.launcher import launched_by_mpi
+from catalog.runinfo import launched_by_mpi
 
 __all__ = ["Dist", "mpi_world", "local_device", "init_distributed", "abort", "FullGatherLayer", "gather_rows", "SyncBatchNorm1d",
            "all_mean", "is_distributed", "AllReduceSum", "launched_by_mpi"]

@@ -1,0 +1,170 @@
+"""One rank's share of an ingest: frames -> samples in segment files -> complete, fsynced, hashed shards.
+
+Worker processes take the frames a piece at a time (:func:`ingest.process.process_piece`) and append each kept
+sample's tar bytes to the piece's segment file. This process reads the pieces' results in frame order, decides
+where each shard ends from the samples' lengths alone (:class:`shards.writer.ShardCuts`), and hands every
+closed shard back to the workers to assemble (copy the byte ranges, hash, fsync). What stays here per frame is
+bookkeeping, so the share scales with the workers; the shards' bytes depend only on the share's frames, never
+on the number of workers. Segments are deleted once the shards that use them are assembled, so the temporary
+space is a few pieces and shards, not a second copy of the output.
+
+The assembled shards stay in the run's work directory under provisional names; the build renames them into
+``shards/`` (in rank order) just before it commits the catalog part that lists them.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from ingest.config import IngestConfig
+from ingest.frames import FrameTask
+from ingest.process import FrameResult, Piece, process_piece
+from shards.writer import ShardCuts, assemble_shard
+
+__all__ = ["AssembledShard", "ShareOutcome", "split_by_bytes", "plan_pieces", "write_share"]
+
+_MOST_FRAMES_PER_PIECE = 32
+_PIECES_PER_WORKER = 8  # pieces a share is cut into per worker: small enough that the last ones balance
+
+
+@dataclass(frozen=True)
+class AssembledShard:
+    path: str  # complete and fsynced in the work directory, not yet under its final name
+    sha256: str
+    bytes: int
+    keys: tuple[str, ...]
+
+
+@dataclass
+class ShareOutcome:
+    results: list[FrameResult]  # one per frame of the share, in order (kept ones with their placement)
+    shards: list[AssembledShard]
+    where: dict[str, tuple[int, int]]  # key -> (index into shards, offset of the sample's first byte there)
+
+
+def split_by_bytes(tasks: list[FrameTask], parts: int) -> list[list[FrameTask]]:
+    """``parts`` consecutive shares of the (ordered) tasks with about equal raw bytes each: decode time follows
+    the JPEG's size, and consecutive frames keep each share's shards in (VSN, ts_ns) order."""
+    sizes = [t.rgb_bytes + t.thermal_bytes for t in tasks]
+    total = sum(sizes) or 1
+    shares: list[list[FrameTask]] = [[] for _ in range(parts)]
+    running = 0
+    for task, size in zip(tasks, sizes):
+        # The share whose byte range holds this task's middle byte.
+        share = min(parts - 1, int((running + size / 2) * parts / total))
+        shares[share].append(task)
+        running += size
+    return shares
+
+
+def plan_pieces(tasks: list[FrameTask], workers: int, work_dir: Path, tag: str) -> list[Piece]:
+    size = max(1, min(_MOST_FRAMES_PER_PIECE, len(tasks) // max(1, workers * _PIECES_PER_WORKER)))
+    return [
+        Piece(i, tuple(tasks[start : start + size]), str(work_dir / f"{tag}-p{i:06d}.seg"))
+        for i, start in enumerate(range(0, len(tasks), size))
+    ]
+
+
+class _Done:
+    """The result of work done inline, with the two methods of multiprocessing's AsyncResult used here."""
+
+    def __init__(self, value) -> None:
+        self.value = value
+
+    def ready(self) -> bool:
+        return True
+
+    def get(self):
+        return self.value
+
+
+@contextmanager
+def _executor(workers: int, inline: bool) -> Iterator[Callable]:
+    """``submit(fn, *args)`` returning something with ready()/get(): a process pool, or inline for tiny runs."""
+    if inline:
+        yield lambda fn, *args: _Done(fn(*args))
+        return
+    # fork: workers start in milliseconds with everything imported; spawn would re-import the whole command
+    # (pandas, duckdb, pyarrow: about 2 s per worker), which is most of a small incremental run.
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    with multiprocessing.get_context(method).Pool(workers) as pool:
+        yield lambda fn, *args: pool.apply_async(fn, args)
+
+
+def write_share(
+    tasks: list[FrameTask], raw_dir: Path, config: IngestConfig, workers: int, work_dir: Path, tag: str,
+    progress: bool = True,
+) -> ShareOutcome:
+    """Turn ``tasks`` into samples and shards in ``work_dir`` (see the module docstring); names start with ``tag``."""
+    pieces = plan_pieces(tasks, workers, work_dir, tag)
+    outcome = ShareOutcome([], [], {})
+    cuts = ShardCuts(int(config.shard_target_mb * 1024 * 1024))
+    open_ranges: list[tuple[str, int, int]] = []
+    open_keys: list[str] = []
+    assembling: deque = deque()  # (path, keys, segments, async result), in shard order
+    uses: Counter[str] = Counter()  # segment -> shards being assembled from it
+    consumed: set[str] = set()  # segments whose every sample is placed in a shard
+
+    def close_shard() -> None:
+        path = work_dir / f"{tag}-{len(outcome.shards) + len(assembling):06d}.tar"
+        segments = {segment for segment, _, _ in open_ranges}
+        uses.update(segments)
+        assembling.append((path, tuple(open_keys), segments, submit(assemble_shard, str(path), list(open_ranges))))
+        open_ranges.clear()
+        open_keys.clear()
+
+    def reap(wait: bool) -> None:
+        while assembling and (wait or assembling[0][3].ready()):
+            path, keys, segments, job = assembling.popleft()
+            sha256, size = job.get()
+            outcome.shards.append(AssembledShard(str(path), sha256, size, keys))
+            uses.subtract(segments)
+        in_open_shard = {segment for segment, _, _ in open_ranges}
+        for segment in [s for s in consumed if uses[s] <= 0 and s not in in_open_shard]:
+            os.unlink(segment)
+            consumed.discard(segment)
+
+    work_dir.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=len(tasks), unit="frame", desc="ingest", disable=not progress or not tasks, smoothing=0.1)
+    with _executor(workers, inline=workers <= 1 and len(tasks) < 8) as submit:
+        # A bounded window of pieces in flight, so shard assembly interleaves with decoding and segments are
+        # deleted as the run goes (the pool's queue is first in, first out).
+        window = 2 * workers + 2
+        queued: deque = deque()
+        upcoming = iter(pieces)
+        for piece in upcoming:
+            queued.append((piece, submit(process_piece, piece, str(raw_dir), config)))
+            if len(queued) >= window:
+                break
+        while queued:
+            piece, job = queued.popleft()
+            results = job.get()
+            for piece_next in upcoming:
+                queued.append((piece_next, submit(process_piece, piece_next, str(raw_dir), config)))
+                break
+            for result in results:
+                outcome.results.append(result)
+                place = result.placement
+                if place is None:
+                    continue
+                if cuts.starts_shard(place.length) and open_keys:
+                    close_shard()
+                outcome.where[result.key] = (len(outcome.shards) + len(assembling), cuts.shard_bytes - place.length)
+                open_ranges.append((place.segment, place.offset, place.length))
+                open_keys.append(result.key)
+            consumed.add(piece.segment)
+            bar.update(len(piece.tasks))
+            reap(wait=False)
+        if open_keys:
+            close_shard()
+        reap(wait=True)
+    bar.close()
+    return outcome

@@ -1,0 +1,129 @@
+"""`mpiexec -n 2 ingest build-shards`: the catalog of one process, byte-identical reruns, and a killed rank that
+commits nothing and leaves work that a rerun with another number of ranks completes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import catalog
+from ingest.build import build_shards
+from ingest.config import IngestConfig
+from shards.cli import main as shards_main
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+CONFIG = "workers = 1\nshard_target_mb = 8.0\n"  # the shard size of conftest's `built`
+
+
+def ingest_argv(raw: Path, dataset: Path, config: Path, ranks: int) -> list[str]:
+    argv = [sys.executable, "-m", "ingest", "build-shards", str(raw), str(dataset), "--nodes", str(raw / "nodes.csv"),
+            "--config", str(config), "--quiet"]
+    return [str(BIN / "mpiexec"), "-n", str(ranks), *argv] if ranks > 1 else argv
+
+
+def config_file(tmp_path: Path) -> Path:
+    path = tmp_path / "ingest.toml"
+    path.write_text(CONFIG)
+    return path
+
+
+def view(dataset: Path) -> dict:
+    """What a build decided, without where the bytes went (each rank writes shards of its own) or run ids."""
+    placement = "shard, sample_offset, sample_length, ir_offset, json_offset, rgb_offset, ingest_run"
+    with catalog.open(dataset) as cat:
+        return {
+            "samples": cat.query(f"SELECT * EXCLUDE ({placement}) FROM samples ORDER BY key").to_pylist(),
+            "files": cat.query("SELECT * EXCLUDE (ingest_run) FROM files ORDER BY path").to_pylist(),
+        }
+
+
+def shard_hashes(dataset: Path) -> list[tuple[str, str]]:
+    with catalog.open(dataset) as cat:
+        return [tuple(r.values()) for r in cat.query("SELECT name, sha256 FROM shards ORDER BY name").to_pylist()]
+
+
+def assert_verified(dataset: Path) -> None:
+    assert shards_main(["verify", str(dataset)]) == 0
+
+
+def test_two_ranks_give_the_single_process_catalog(synth_raw, built, tmp_path):
+    config = config_file(tmp_path)
+    for name in ("a", "b"):
+        result = subprocess.run(ingest_argv(synth_raw, tmp_path / name, config, ranks=2), capture_output=True,
+                                text=True, timeout=300, cwd=ROOT)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert result.stdout.count("run-000001:") == 1, "only rank 0 reports"
+        assert_verified(tmp_path / name)
+    assert view(tmp_path / "a") == view(built)
+    assert len(shard_hashes(tmp_path / "a")) >= 2, "each rank writes shards of its own"
+    assert shard_hashes(tmp_path / "a") == shard_hashes(tmp_path / "b"), "same R: byte-identical shards"
+    assert not list((tmp_path / "a" / "shards").glob("*.tmp")), "the work directory is gone"
+
+
+def test_shard_bytes_do_not_depend_on_the_number_of_workers(synth_raw, built, tmp_path):
+    # `built` used 2 worker processes; one process alone (no pool) must write the very same shards.
+    build_shards(synth_raw, tmp_path / "one", IngestConfig(workers=1, shard_target_mb=8.0),
+                 nodes_csv=synth_raw / "nodes.csv", progress=False, log=lambda m: None)
+    assert shard_hashes(tmp_path / "one") == shard_hashes(built)
+
+
+def _pids_of_rank(launcher: int, rank: int) -> list[int]:
+    """The processes under ``launcher`` that MPI started as ``rank``: the rank and its forked workers (Hydra
+    starts each rank in a session of its own, so the process tree is the way to find them)."""
+    parent_of = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent_of[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+
+    def under_launcher(pid: int) -> bool:
+        while pid > 1:
+            pid = parent_of.get(pid, 1)
+            if pid == launcher:
+                return True
+        return False
+
+    pids = []
+    for pid in filter(under_launcher, parent_of):
+        try:
+            if f"PMI_RANK={rank}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                pids.append(pid)
+        except OSError:
+            continue
+    return pids
+
+
+def test_a_killed_rank_commits_nothing_and_one_process_finishes_the_work(synth_raw, built, tmp_path):
+    dataset = tmp_path / "dataset"
+    config = config_file(tmp_path)
+    process = subprocess.Popen(ingest_argv(synth_raw, dataset, config, ranks=2), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True, cwd=ROOT, start_new_session=True)
+    deadline = time.monotonic() + 120
+    killed: list[int] = []
+    while not killed and time.monotonic() < deadline and process.poll() is None:
+        if any((dataset / "shards").glob("*.tmp/r0001-p*.seg")):  # rank 1 is writing its share
+            killed = _pids_of_rank(process.pid, 1)
+            for pid in killed:
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.002)
+    assert killed, "the build ended before rank 1 could be killed"
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode != 0
+    assert not (dataset / "catalog" / "runs").is_dir() or not [
+        p for p in (dataset / "catalog" / "runs").iterdir() if not p.name.endswith(".tmp")
+    ], "a run with a dead rank must commit nothing"
+
+    rerun = subprocess.run(ingest_argv(synth_raw, dataset, config, ranks=1), capture_output=True, text=True,
+                           timeout=300, cwd=ROOT)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "removed uncommitted" in rerun.stdout
+    assert view(dataset) == view(built)
+    assert shard_hashes(dataset) == shard_hashes(built), "one process after the failed run: the usual bytes"
+    assert_verified(dataset)
