@@ -32,7 +32,7 @@ from shards.writer import ShardCuts, assemble_shard
 __all__ = ["AssembledShard", "ShareOutcome", "split_by_bytes", "plan_pieces", "write_share"]
 
 _MOST_FRAMES_PER_PIECE = 32
-_PIECES_PER_WORKER = 8  # pieces a share is cut into per worker: small enough that the last ones balance
+_PIECES_PER_WORKER = 4  # a piece is at most 1/(this x workers) of the frames left
 
 
 @dataclass(frozen=True)
@@ -66,11 +66,15 @@ def split_by_bytes(tasks: list[FrameTask], parts: int) -> list[list[FrameTask]]:
 
 
 def plan_pieces(tasks: list[FrameTask], workers: int, work_dir: Path, tag: str) -> list[Piece]:
-    size = max(1, min(_MOST_FRAMES_PER_PIECE, len(tasks) // max(1, workers * _PIECES_PER_WORKER)))
-    return [
-        Piece(i, tuple(tasks[start : start + size]), str(work_dir / f"{tag}-p{i:06d}.seg"))
-        for i, start in enumerate(range(0, len(tasks), size))
-    ]
+    """Consecutive pieces that shrink as the share runs out (guided self-scheduling): each takes 1/(4 x workers)
+    of the frames left, at most 32, so the first pieces keep the queue cheap and the last ones, a frame or two,
+    let every worker finish within about one frame of the others."""
+    pieces, start = [], 0
+    while start < len(tasks):
+        size = max(1, min(_MOST_FRAMES_PER_PIECE, (len(tasks) - start) // (_PIECES_PER_WORKER * max(1, workers))))
+        pieces.append(Piece(len(pieces), tuple(tasks[start : start + size]), str(work_dir / f"{tag}-p{len(pieces):06d}.seg")))
+        start += size
+    return pieces
 
 
 class _Done:
