@@ -199,10 +199,11 @@ def bench_mpi(raw: Path, ranks: int, workers: int, frames: int, repeats: int, sa
         if result.returncode != 0 or found is None:
             return [f"mpiexec -n {ranks} x {workers} workers FAILED ({result.returncode}): {result.stderr[-500:]}"]
         decoded, steady, inside = int(found[1]), float(found[2]), float(found[3])
-        runs.append((decoded / inside, inside, steady, wall))
+        shares = re.search(r"each rank's share took ([^\n]*)", result.stdout)
+        runs.append((decoded / inside, inside, steady, wall, shares[1] if shares else "?"))
         shutil.rmtree(dataset, ignore_errors=True)
         together.append(concurrent_limit(raw, ranks * workers, sample))
-    rate, inside, steady, wall = max(runs)
+    rate, inside, steady, wall, shares = max(runs)
     concurrent = _median(together)
     return [
         f"mpiexec -n {ranks} x {workers} workers: the irreducible work in {ranks * workers} processes at once: "
@@ -210,7 +211,7 @@ def bench_mpi(raw: Path, ranks: int, workers: int, frames: int, repeats: int, sa
         f"mpiexec -n {ranks} x {workers} workers: build-shards on {frames} full-size frames: {rate:.2f} frames/s "
         f"(rank 0's whole build {inside:.1f} s; the command with {ranks} interpreters starting {wall:.1f} s; best of "
         f"{len(runs)}) = **{rate / concurrent:.2f} of the concurrent limit** (target >= 0.90); while decoding "
-        f"{steady:.2f} frames/s = {steady / concurrent:.2f}",
+        f"{steady:.2f} frames/s = {steady / concurrent:.2f}; each rank's share took {shares}",
     ]
 
 

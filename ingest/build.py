@@ -69,6 +69,8 @@ class BuildSummary:
     unlocated_vsns: list[str] = field(default_factory=list)
     removed_uncommitted: list[str] = field(default_factory=list)
     decode_seconds: float = 0.0
+    share_seconds: list[float] = field(default_factory=list)  # per rank: its share's frames to assembled shards
+    workers: list[int] = field(default_factory=list)  # per rank
     seconds: float = 0.0
 
     @property
@@ -360,6 +362,8 @@ def _lead(
         decisions += decided
         summary.decode_seconds = time.perf_counter() - t_decode
         summary.frames_decoded = len(tasks)
+        summary.share_seconds = [o.seconds for o in outcomes]
+        summary.workers = [o.workers for o in outcomes]
 
         if len(decisions) != len(files) or len({d.path for d in decisions}) != len(files):
             # A bug, never bad input: refuse to commit a catalog that loses or doubles a file.

@@ -69,6 +69,13 @@ def _print_summary(summary: BuildSummary, dataset: str) -> None:
         f"  added {summary.samples_added} samples in {summary.shards_added} shard(s); decoded {summary.frames_decoded}"
         f" frames at {summary.frames_per_second:.1f} frames/s; {summary.seconds:.1f} s in all"
     )
+    if len(summary.share_seconds) > 1:
+        slowest = max(summary.share_seconds)
+        print(
+            f"  {len(summary.share_seconds)} ranks x {'/'.join(map(str, sorted(set(summary.workers))))} workers; each rank's share took "
+            + ", ".join(f"{s:.1f}" for s in summary.share_seconds) + " s"
+            + (f" (the fastest waited {slowest - min(summary.share_seconds):.1f} s for the slowest)" if slowest > 0 else "")
+        )
     if summary.reason_counts:
         print("  rejected files by reason:")
         for reason, n in summary.reason_counts.items():

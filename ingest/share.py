@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -48,6 +49,8 @@ class ShareOutcome:
     results: list[FrameResult]  # one per frame of the share, in order (kept ones with their placement)
     shards: list[AssembledShard]
     where: dict[str, tuple[int, int]]  # key -> (index into shards, offset of the sample's first byte there)
+    seconds: float = 0.0  # from the first piece handed out to the last shard assembled
+    workers: int = 1
 
 
 def split_by_bytes(tasks: list[FrameTask], parts: int) -> list[list[FrameTask]]:
@@ -109,7 +112,8 @@ def write_share(
 ) -> ShareOutcome:
     """Turn ``tasks`` into samples and shards in ``work_dir`` (see the module docstring); names start with ``tag``."""
     pieces = plan_pieces(tasks, workers, work_dir, tag)
-    outcome = ShareOutcome([], [], {})
+    outcome = ShareOutcome([], [], {}, workers=workers)
+    started = time.perf_counter()
     cuts = ShardCuts(int(config.shard_target_mb * 1024 * 1024))
     open_ranges: list[tuple[str, int, int]] = []
     open_keys: list[str] = []
@@ -171,4 +175,5 @@ def write_share(
             close_shard()
         reap(wait=True)
     bar.close()
+    outcome.seconds = time.perf_counter() - started
     return outcome
