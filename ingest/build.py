@@ -190,6 +190,10 @@ def _changed(row: dict, previous: dict | None) -> bool:
     return any(row[k] != previous.get(k) for k in ("bytes", "status", "reason", "detail", "key", "role"))
 
 
+# World sizes that MPI launchers announce to their ranks (Hydra/MPICH and Slurm's PMI, Open MPI, MVAPICH).
+_LAUNCHER_SIZES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
 class _Ranks:
     """The MPI ranks of a build: just this process without mpiexec. Rank 0 locks, plans and commits; every
     rank writes a share of the frames into shards of its own."""
@@ -201,6 +205,13 @@ class _Ranks:
         if launched_by_mpi():
             from mpi4py import MPI
 
+            launched = max(int(os.environ.get(name, "1") or 1) for name in _LAUNCHER_SIZES)
+            if MPI.COMM_WORLD.Get_size() < launched:
+                raise BuildError(
+                    f"the launcher started {launched} ranks but MPI sees {MPI.COMM_WORLD.Get_size()}: mpi4py loaded "
+                    f"another MPI library ({MPI.Get_library_version().splitlines()[0].strip()}) than the launcher's; "
+                    "point MPI4PY_LIBMPI at the launcher's libmpi.so (README: Ingest at scale). Nothing was touched."
+                )
             if MPI.COMM_WORLD.Get_size() > 1:
                 self.comm = MPI.COMM_WORLD
                 local = self.comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.comm.Get_rank())
@@ -233,8 +244,14 @@ class _ShareFailed:
 
 
 def _workers(config: IngestConfig, ranks: _Ranks) -> int:
-    """Worker processes per rank: the configured number, else this node's cores shared by its ranks."""
-    return config.workers or max(1, (os.cpu_count() or 1) // ranks.local_size)
+    """Worker processes per rank: the configured number; else the cores this rank may run on (a batch system's
+    binding, e.g. Slurm's --cpus-per-task), or, when every rank of the node may use every core, its share."""
+    if config.workers:
+        return config.workers
+    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if allowed >= (os.cpu_count() or 1):
+        allowed //= ranks.local_size
+    return max(1, allowed)
 
 
 def _write_own_share(

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from pathlib import PurePosixPath
 
 __all__ = [
     "DIRECTION_PRESETS",
@@ -104,7 +103,7 @@ class RawPath:
 
 def parse_raw_path(relpath: str) -> RawPath | None:
     """``<VSN>/<ts_ns>-<filename>`` relative to RAW, or None when the path is outside that layout."""
-    parts = PurePosixPath(relpath).parts
+    parts = relpath.split("/")  # scan_raw's paths are normalised; pathlib would cost 3x this whole function
     if len(parts) != 2 or parts[0] == "metadata" or not _VSN_RE.match(parts[0]):
         return None
     match = _RAW_NAME_RE.match(parts[1])

@@ -8,10 +8,13 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
+import pytest
+
 import catalog
-from ingest.build import build_shards
+from ingest.build import BuildError, build_shards
 from ingest.config import IngestConfig
 from shards.cli import main as shards_main
 
@@ -127,3 +130,16 @@ def test_a_killed_rank_commits_nothing_and_one_process_finishes_the_work(synth_r
     assert view(dataset) == view(built)
     assert shard_hashes(dataset) == shard_hashes(built), "one process after the failed run: the usual bytes"
     assert_verified(dataset)
+
+
+def test_an_mpi_library_that_is_not_the_launchers_is_a_clear_error(monkeypatch, synth_raw, tmp_path):
+    # What a lent machine did: MPICH's mpiexec started 2 ranks, mpi4py loaded the system's Open MPI, and each
+    # process saw a world of 1. Faked here because a real mismatch makes MPICH wait for the missing rank.
+    world = types.SimpleNamespace(Get_size=lambda: 1)
+    fake_mpi = types.SimpleNamespace(COMM_WORLD=world, Get_library_version=lambda: "Open MPI v4.1.6, Debian\n")
+    monkeypatch.setitem(sys.modules, "mpi4py", types.SimpleNamespace(MPI=fake_mpi))
+    monkeypatch.setenv("PMI_RANK", "0")
+    monkeypatch.setenv("PMI_SIZE", "2")
+    with pytest.raises(BuildError, match=r"started 2 ranks but MPI sees 1.*Open MPI v4\.1\.6.*MPI4PY_LIBMPI"):
+        build_shards(synth_raw, tmp_path / "dataset", IngestConfig(workers=1), progress=False, log=lambda m: None)
+    assert not (tmp_path / "dataset").exists()
