@@ -129,19 +129,21 @@ class _State:
     next_shard: int
     nodes: pa.Table
     has_samples: bool
+    samples_per_node: Counter[str]
 
 
 def _current_state(layout: DatasetLayout) -> _State:
     if not layout.exists():
-        return _State({}, set(), set(), 0, NODES.empty_table(), False)
+        return _State({}, set(), set(), 0, NODES.empty_table(), False, Counter())
     with Catalog(layout.root) as catalog:
         files = {row["path"]: row for row in catalog.query("SELECT * FROM files").to_pylist()}
-        keys = set(catalog.query("SELECT key FROM samples").column("key").to_pylist())
+        samples = catalog.query("SELECT key, vsn FROM samples")
+        keys = set(samples.column("key").to_pylist())
         shards = catalog.query("SELECT name FROM shards").column("name").to_pylist()
         nodes = catalog.nodes()
     numbers = [shard_index(name) for name in shards]
     next_shard = max((n for n in numbers if n is not None), default=-1) + 1
-    return _State(files, keys, set(shards), next_shard, nodes, bool(keys))
+    return _State(files, keys, set(shards), next_shard, nodes, bool(keys), Counter(samples.column("vsn").to_pylist()))
 
 
 def _same_nodes(a: pa.Table, b: pa.Table) -> bool:
@@ -422,9 +424,9 @@ def _lead(
         # once a few parts have piled up rather than after every run.
         if len(layout.uncovered_runs(layout.latest_snapshot())) >= _COMPACT_AFTER_RUNS:
             write_snapshot(layout)
-        with Catalog(root) as catalog:
-            per_node = catalog.query("SELECT vsn, count(*) AS n FROM samples GROUP BY vsn ORDER BY vsn").to_pylist()
-        summary.samples_per_node = {r["vsn"]: r["n"] for r in per_node}
+        # The committed counts, from what this run read and added (opening the catalog again costs more).
+        per_node = state.samples_per_node + Counter(r["vsn"] for r in sample_rows)
+        summary.samples_per_node = dict(sorted(per_node.items()))
     summary.seconds = time.perf_counter() - t_start
     return summary
 

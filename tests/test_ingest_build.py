@@ -166,6 +166,8 @@ def test_incremental_runs(raw_copy, tmp_path, truth):
     assert {r["status"] for r in q(dataset, f"SELECT status FROM files WHERE key = '{orphan['key']}' AND role IN ('rgb', 'thermal')")} == {"sample"}
     assert not q(dataset, f"SELECT * FROM rejects WHERE key = '{orphan['key']}'")
     assert first.run_id < second.run_id < third.run_id
+    per_node = q(dataset, "SELECT vsn, count(*) AS n FROM samples GROUP BY vsn ORDER BY vsn")
+    assert third.samples_per_node == {r["vsn"]: r["n"] for r in per_node}
     assert len(q(dataset, "SELECT * FROM runs")) == 3
     total = len(scan_raw(raw_copy))
     assert q(dataset, "SELECT count(*) AS n, count(DISTINCT path) AS d FROM files")[0] == {"n": total, "d": total}
