@@ -274,7 +274,8 @@ def _write_own_share(
         return []
     failed = [o for o in outcomes if isinstance(o, _ShareFailed)]
     if failed:
-        raise BuildError("; ".join(f"rank {f.rank}: {f.error}" for f in failed) + "; nothing was committed")
+        where = (lambda f: f"rank {f.rank}: ") if ranks.size > 1 else (lambda f: "")
+        raise BuildError("; ".join(where(f) + f.error for f in failed) + "; nothing was committed")
     return outcomes
 
 

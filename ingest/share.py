@@ -19,6 +19,8 @@ import os
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +32,7 @@ from ingest.frames import FrameTask
 from ingest.process import FrameResult, Piece, process_piece
 from shards.writer import ShardCuts, assemble_shard
 
-__all__ = ["AssembledShard", "ShareOutcome", "split_by_bytes", "plan_pieces", "write_share"]
+__all__ = ["AssembledShard", "ShareOutcome", "WorkerDied", "split_by_bytes", "plan_pieces", "write_share"]
 
 _MOST_FRAMES_PER_PIECE = 32
 _PIECES_PER_WORKER = 4  # a piece is at most 1/(this x workers) of the frames left
@@ -81,29 +83,45 @@ def plan_pieces(tasks: list[FrameTask], workers: int, work_dir: Path, tag: str) 
 
 
 class _Done:
-    """The result of work done inline, with the two methods of multiprocessing's AsyncResult used here."""
+    """Work done inline, with the two methods of concurrent.futures.Future used here."""
 
     def __init__(self, value) -> None:
         self.value = value
 
-    def ready(self) -> bool:
+    def done(self) -> bool:
         return True
 
-    def get(self):
+    def result(self):
         return self.value
+
+
+class WorkerDied(RuntimeError):
+    """A worker process ended without finishing its work (killed, e.g. by the kernel's OOM killer)."""
 
 
 @contextmanager
 def _executor(workers: int, inline: bool) -> Iterator[Callable]:
-    """``submit(fn, *args)`` returning something with ready()/get(): a process pool, or inline for tiny runs."""
+    """``submit(fn, *args)`` returning a future: a process pool, or inline for tiny runs.
+
+    concurrent.futures rather than multiprocessing.Pool: when a worker dies, its pool breaks and every pending
+    result raises, so the run fails (committing nothing) instead of waiting for ever for a lost piece.
+    """
     if inline:
         yield lambda fn, *args: _Done(fn(*args))
         return
     # fork: workers start in milliseconds with everything imported; spawn would re-import the whole command
     # (pandas, duckdb, pyarrow: about 2 s per worker), which is most of a small incremental run.
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    with multiprocessing.get_context(method).Pool(workers) as pool:
-        yield lambda fn, *args: pool.apply_async(fn, args)
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method)) as pool:
+        try:
+            yield pool.submit
+        except BrokenProcessPool:
+            raise WorkerDied(
+                "a worker process died (killed, or out of memory?) before finishing its frames; nothing was committed"
+            ) from None
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
 
 
 def write_share(
@@ -130,9 +148,9 @@ def write_share(
         open_keys.clear()
 
     def reap(wait: bool) -> None:
-        while assembling and (wait or assembling[0][3].ready()):
+        while assembling and (wait or assembling[0][3].done()):
             path, keys, segments, job = assembling.popleft()
-            sha256, size = job.get()
+            sha256, size = job.result()
             outcome.shards.append(AssembledShard(str(path), sha256, size, keys))
             uses.subtract(segments)
         in_open_shard = {segment for segment, _, _ in open_ranges}
@@ -154,7 +172,7 @@ def write_share(
                 break
         while queued:
             piece, job = queued.popleft()
-            results = job.get()
+            results = job.result()
             for piece_next in upcoming:
                 queued.append((piece_next, submit(process_piece, piece_next, str(raw_dir), config)))
                 break

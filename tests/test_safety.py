@@ -88,6 +88,37 @@ def test_sigkill_then_rerun_equals_uninterrupted(point, synth_raw, reference, tm
     assert not list(dataset.rglob("*.tmp"))
 
 
+def test_a_killed_worker_fails_the_run_at_once_with_nothing_committed(synth_raw, reference, tmp_path):
+    """A worker that dies (the OOM killer, say) must not leave the build waiting for ever for its piece."""
+    dataset = tmp_path / "dataset"
+    config_path = tmp_path / "ingest.toml"
+    config_path.write_text("workers = 2\nshard_target_mb = 2.0\n")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "ingest", "build-shards", str(synth_raw), str(dataset), "--nodes",
+         str(synth_raw / "nodes.csv"), "--config", str(config_path), "--quiet"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    deadline = time.monotonic() + 120
+    workers: list[int] = []
+    while not workers and time.monotonic() < deadline and process.poll() is None:
+        if any((dataset / "shards").glob("*.tmp/*.seg")):
+            children = Path(f"/proc/{process.pid}/task/{process.pid}/children")
+            workers = [int(pid) for pid in children.read_text().split()] if children.exists() else []
+        time.sleep(0.002)
+    assert workers, "the build ended before a worker could be killed"
+    os.kill(workers[0], signal.SIGKILL)
+    try:
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 2 and "worker process died" in stderr and "nothing was committed" in stderr, stderr
+    assert not [p for p in (dataset / "catalog" / "runs").glob("run-*") if not p.name.endswith(".tmp")]
+    assert not list((dataset / "shards").glob("*.tmp")), "a failed run removes its work directory"
+    build_shards(synth_raw, dataset, SMALL_SHARDS, nodes_csv=synth_raw / "nodes.csv", **QUIET)
+    assert snapshot_of(dataset) == reference
+
+
 def test_compaction_changes_nothing_a_reader_sees(built_copy):
     from catalog.maintain import write_snapshot
     from catalog.store import DatasetLayout
