@@ -4,6 +4,9 @@ k-NN is DINO's weighted k-NN (``eval_knn.py``): L2-normalised features, cosine s
 training rows each vote ``exp(similarity / T)`` for their label; top-1 (and top-5 where there are more than 5
 classes) accuracy on the test split, for every k from one top-k search. Labels are catalog columns (sky or
 ground, day or night, node, pointing position) and, for synthetic data, the generator's cloud-fraction class.
+The neighbours are exact (:func:`knn_neighbours`): cluster-pruned where that pays, else every pair. Measured on
+the 2-core machine, 100k train x 100k test, 384-d blobs (bench/analysis.py), k up to 200: 18.2 s pruned (6.1% of
+the pairs read) against 73.0 s over every pair (96 s before), the same accuracies.
 
 Retrieval asks whether the two branches agree on a sample: for each test RGB embedding, is its own IR partner
 among the top 1 / top 5 of all test IR embeddings (and the reverse), against chance (k / n). It is measured in
@@ -18,11 +21,13 @@ from pathlib import Path
 import numpy as np
 
 from analysis.config import LABELS, KNNConfig
-from analysis.neighbours import l2_normalise, topk_neighbours
+from analysis.neighbours import l2_normalise, pruned_neighbours, topk_neighbours
 from analysis.runs import AnalysisError
 from analysis.store import Embeddings, write_json
 
-__all__ = ["weighted_knn", "run_knn", "retrieval_accuracy", "run_retrieval", "space_matrix"]
+__all__ = ["weighted_knn", "knn_neighbours", "run_knn", "retrieval_accuracy", "run_retrieval", "space_matrix"]
+
+PRUNE_FROM = 20_000  # training rows from which the cluster-pruned search is tried first
 
 
 def space_matrix(embeddings: Embeddings, space: str, rows: np.ndarray) -> np.ndarray:
@@ -35,13 +40,34 @@ def space_matrix(embeddings: Embeddings, space: str, rows: np.ndarray) -> np.nda
     return l2_normalise(embeddings.rows(space, rows))
 
 
+def knn_neighbours(test_x: np.ndarray, train_x: np.ndarray, k: int, query_chunk: int = 2048,
+                   prune: bool = True) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(cosine similarities, training row indices, details), n_test x k, most similar first; exact either way.
+
+    From ``PRUNE_FROM`` training rows (and ``prune``), :func:`analysis.neighbours.pruned_neighbours` reads only
+    the pairs that can be neighbours; where that would still read more than a quarter of them, or ``prune`` is
+    False, every pair (:func:`analysis.neighbours.topk_neighbours`).
+    """
+    if prune and len(train_x) >= PRUNE_FROM:
+        found = pruned_neighbours(test_x, train_x, k, "cosine", query_chunk=query_chunk)
+        if found is not None:
+            return found
+    similarity, index = topk_neighbours(test_x, train_x, k, "cosine", query_chunk)
+    return similarity, index, {"knn_method": "all pairs"}
+
+
 def weighted_knn(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, ks: tuple[int, ...],
-                 temperature: float, n_classes: int, query_chunk: int = 2048) -> dict[int, dict[str, float]]:
-    """{k: {"top1": accuracy, "top5": accuracy or None}} of DINO's weighted k-NN (inputs L2-normalised)."""
+                 temperature: float, n_classes: int, query_chunk: int = 2048, prune: bool = True,
+                 details: dict | None = None) -> dict[int, dict[str, float]]:
+    """{k: {"top1": accuracy, "top5": accuracy or None}} of DINO's weighted k-NN (inputs L2-normalised), on the
+    exact neighbours of :func:`knn_neighbours` (``prune`` False: every pair); ``details``, when given, receives
+    how they were found."""
     k_max = max(ks)
     if len(train_x) < k_max:
         raise AnalysisError(f"k-NN needs at least k = {k_max} training samples, the selection has {len(train_x)}")
-    similarity, index = topk_neighbours(test_x, train_x, k_max, "cosine", query_chunk)
+    similarity, index, found = knn_neighbours(test_x, train_x, k_max, query_chunk, prune)
+    if details is not None:
+        details.update(found)
     weights = np.exp(similarity / temperature)
     neighbour_labels = train_y[index]
     out: dict[int, dict[str, float]] = {}

@@ -4,12 +4,14 @@ sample's RGB and IR expander outputs.
 openTSNE (FFT gradients, 250 early-exaggeration + 500 iterations, PCA initialisation: its defaults) runs on
 ``pca.zarr``'s ``<space>/features``, for ``joint``, ``rgb`` and ``ir``: every row up to ``tsne.max_points``, else one
 seeded random sample of that many rows (the same rows for every space, so the maps are comparable). The k nearest
-neighbours (k = 3 x perplexity, openTSNE's own rule) are exact and handed to openTSNE as ``PrecomputedNeighbors``:
-:func:`pruned_neighbours` (k-means cells + the triangle inequality skip the pairs that cannot be neighbours),
-falling back to every pair (:func:`analysis.neighbours.topk_neighbours`) when the data has no cluster structure.
-Measured on the 2-core machine, 100k x 50 blobs, k = 90: pruned 11.5 s against 64 s for every pair (openTSNE's
-Annoy: 43 s in the anchors note; 12.1 s against 3.4 s pruned at 30k); the whole map 131.5 s (kNN 11.5 + affinities
-3.9 + 750 iterations 114.4), where openTSNE with Annoy took 160 s.
+neighbours (k = 3 x perplexity, openTSNE's own rule) are exact, over every pair
+(:func:`analysis.neighbours.topk_neighbours`), and handed to openTSNE as ``PrecomputedNeighbors``. Measured on the
+2-core machine, bench/analysis.py's 100k x 50 (300 blobs + 3% background), k = 90, n_jobs 2: the whole map 186 s =
+kNN 22.6 + affinities 3.5 + 750 iterations 158.4 (the iterations alone took 135-159 s over the day's runs, late ones
+~0.29 s each, 40% of it numpy's single-threaded FFT; the kNN 16-23 s, 48-50 s before the in-place block products
+and :func:`analysis.neighbours.top_k`; openTSNE's Annoy: 43 s
+in the anchors note, whose whole map took 160 s). Cluster pruning read 32% of the pairs on those blobs and was
+slower than every pair, so it is not tried here (see :func:`_neighbours`).
 
 Writes into the checkpoint's results directory:
 
@@ -32,8 +34,7 @@ from analysis.config import TSNEConfig
 from analysis.runs import AnalysisError
 from analysis.store import Embeddings, pyplot, save_figure, write_json, write_parquet
 
-__all__ = ["tsne_embed", "run_tsne", "pruned_neighbours", "link_distances", "plot_space", "TSNE_SPACES",
-           "PANEL_COLUMNS"]
+__all__ = ["tsne_embed", "run_tsne", "link_distances", "plot_space", "TSNE_SPACES", "PANEL_COLUMNS"]
 
 TSNE_SPACES = ("joint", "rgb", "ir")  # the order maps are made in
 PANEL_COLUMNS = ("is_sky", "is_day", "vsn", "position", "split", "month", "cloud_class", "hour_local")
@@ -53,142 +54,26 @@ def _openmp_jobs(n_jobs: int) -> int:
     return -1 if n_jobs <= 0 else int(n_jobs)
 
 
-def _neighbours(x: np.ndarray, k: int, n_jobs: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, dict]:
+def _neighbours(x: np.ndarray, k: int, n_jobs: int) -> tuple[np.ndarray, np.ndarray, dict]:
     """Exact euclidean kNN of every row among the others: (indices, distances float64, details), n x k, nearest
-    first. Cluster-pruned (:func:`pruned_neighbours`) when that pays, else
-    :func:`analysis.neighbours.topk_neighbours` over every pair."""
+    first: :func:`analysis.neighbours.topk_neighbours` over every pair.
+
+    Every pair, not :func:`analysis.neighbours.pruned_neighbours`: on 100k x 50 blobs (300 blobs, 3% background,
+    the bench's) pruning still read 32% of the pairs (nearby blobs are within reach of each other in 50-d) and
+    took 54 s on one thread against 16-23 s for every pair on two, and its probe costs ~5.6 s where it gives up.
+    """
     import torch
-    from threadpoolctl import threadpool_limits
 
     from analysis.neighbours import topk_neighbours
 
     threads = torch.get_num_threads()
-    found = None
     try:
-        if len(x) >= PRUNE_FROM:
-            # One thread: the pruned search is many small products and top-ks, and two threads meeting at each
-            # one's barrier were measured 2-3x slower on a loaded 2-core machine (100k blobs: 9 s against 20-27 s).
-            torch.set_num_threads(1)
-            with threadpool_limits(limits=1, user_api="blas"):
-                found = pruned_neighbours(x, k, seed)
-        if found is None:
-            torch.set_num_threads(n_jobs if n_jobs > 0 else threads)
-            distances, indices = topk_neighbours(x, x, k, metric="euclidean", exclude_self=True,
-                                                 query_chunk=int(np.clip((1 << 26) // max(len(x), 1), 64, 4096)))
-            found = indices, distances, {"knn_method": "all pairs"}
+        torch.set_num_threads(n_jobs if n_jobs > 0 else threads)
+        distances, indices = topk_neighbours(x, x, k, metric="euclidean", exclude_self=True,
+                                             query_chunk=int(np.clip((1 << 26) // max(len(x), 1), 64, 4096)))
     finally:
         torch.set_num_threads(threads)
-    indices, distances, details = found
-    return indices, distances.astype(np.float64), details
-
-
-PRUNE_FROM = 20_000  # below this, every pair is a few seconds at most
-PRUNE_MAX_SCANNED = 0.35  # fall back to every pair when the pruned search would still scan more of them
-CELL_DIVISOR = 4.0  # sqrt(n) / 4 cells: 79 of about 1,300 rows at 100k
-
-
-def pruned_neighbours(x: np.ndarray, k: int, seed: int = 0, probe: int = 8,
-                      max_scanned: float = PRUNE_MAX_SCANNED) -> tuple[np.ndarray, np.ndarray, dict] | None:
-    """Exact k nearest neighbours (euclidean, self excluded) that skips the pairs no neighbour can be in.
-
-    The rows are cut into about sqrt(n)/2 k-means cells (centre c, radius R = the farthest member). For the
-    queries of one cell, d_k (each query's k-th distance among its own and the nearest cells) bounds its true k-th
-    distance from above, and every point of cell j is at least |q - c_j| - R_j away, so only the cells with
-    |q - c_j| - R_j <= d_k for some query can hold a neighbour: one matrix product and one top-k over those
-    columns. Same answer as all pairs (up to ties); on clustered data (blobs, SSL embeddings) it reads a few per
-    cent of the pairs. Returns None, after probing ``probe`` cells, when it would read more than ``max_scanned``
-    of all pairs (structureless data): then every pair is cheaper.
-    """
-    import torch
-    from sklearn.cluster import MiniBatchKMeans
-
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    n, dim = x.shape
-    if n <= k + 1:
-        return None
-    rng = np.random.default_rng([seed, 2])
-    cells = int(np.clip(round(np.sqrt(n) / CELL_DIVISOR), 2, 1024))
-    fit = rng.choice(n, min(n, 30 * cells), replace=False)
-    centres = MiniBatchKMeans(n_clusters=cells, batch_size=4096, n_init=1, max_iter=10,
-                              random_state=seed).fit(x[fit]).cluster_centers_.astype(np.float32)
-    label = np.empty(n, dtype=np.int64)
-    centre_sq = np.einsum("ij,ij->i", centres, centres)
-    for start in range(0, n, 8192):
-        label[start : start + 8192] = np.argmin(centre_sq - 2 * x[start : start + 8192] @ centres.T, axis=1)
-    order = np.argsort(label, kind="stable")
-    xs = x[order]
-    bounds = np.searchsorted(label[order], np.arange(cells + 1))
-    live = np.flatnonzero(np.diff(bounds) > 0)
-    sizes = np.diff(bounds)[live]
-    # Exact centres and radii of the final cells, in float64.
-    centre = np.stack([xs[bounds[j] : bounds[j + 1]].mean(axis=0, dtype=np.float64) for j in live])
-    radius = np.array([np.sqrt(((xs[bounds[j] : bounds[j + 1]] - centre[i]) ** 2).sum(axis=1).max())
-                       for i, j in enumerate(live)])
-    sq = np.einsum("ij,ij->i", xs, xs)
-    base = np.empty((dim + 1, n), dtype=np.float32)  # score = 2 q.b - |b|^2 = |q|^2 - |q - b|^2: one product
-    base[:dim] = xs.T
-    base[dim] = -sq
-    between = np.sqrt(np.maximum(np.einsum("ij,ij->i", centre, centre)[:, None]
-                                 + np.einsum("ij,ij->i", centre, centre)[None] - 2 * centre @ centre.T, 0))
-    tolerance = 1e-5 * (sq.max() + 1.0)  # float32 rounding of the scores, in squared distance
-
-    def columns(cells_: np.ndarray) -> np.ndarray:
-        cells_ = np.sort(cells_)
-        return np.concatenate([np.arange(bounds[live[c]], bounds[live[c] + 1]) for c in cells_])
-
-    chunk = int(np.clip((1 << 26) // n, 64, 2048))  # query rows per product: at most 256 MB of scores
-
-    def queries(cell: int):
-        lo, hi = bounds[live[cell]], bounds[live[cell] + 1]
-        for start in range(lo, hi, chunk):
-            yield start, min(start + chunk, hi)
-
-    def scores(lo: int, hi: int, cols: np.ndarray) -> np.ndarray:
-        q = np.empty((hi - lo, dim + 1), dtype=np.float32)
-        q[:, :dim] = 2 * xs[lo:hi]
-        q[:, dim] = 1
-        sim = q @ base[:, cols]
-        own = np.searchsorted(cols, np.arange(lo, hi))
-        hit = own < len(cols)
-        hit[hit] = cols[own[hit]] == np.arange(lo, hi)[hit]
-        sim[np.flatnonzero(hit), own[hit]] = -np.inf  # a row is not its own neighbour
-        return sim
-
-    def plan(cell: int, lo: int, hi: int) -> np.ndarray:
-        """The cells that may hold a neighbour of queries lo..hi (of cell ``cell``)."""
-        near, total = [], 0
-        for other in np.argsort(between[cell], kind="stable"):
-            near.append(other)
-            total += sizes[other]
-            if total > k + 1:
-                break
-        sim = scores(lo, hi, columns(np.asarray(near)))
-        kth = torch.topk(torch.from_numpy(sim), k, dim=1, sorted=False).values.amin(dim=1).numpy()
-        reach = np.sqrt(np.maximum(sq[lo:hi] - kth, 0) + tolerance)
-        q = xs[lo:hi].astype(np.float64)
-        to_centre = np.sqrt(np.maximum(np.einsum("ij,ij->i", q, q)[:, None] + np.einsum("ij,ij->i", centre, centre)[None]
-                                       - 2 * q @ centre.T, 0))
-        return np.union1d(np.flatnonzero((to_centre - radius[None] <= reach[:, None]).any(axis=0)), near)
-
-    # Probe: how much would pruning read?
-    probe_cells = rng.choice(len(live), min(probe, len(live)), replace=False)
-    read = sum((hi - lo) * sizes[plan(c, lo, hi)].sum() for c in probe_cells for lo, hi in queries(c))
-    if read / sizes[probe_cells].sum() / n > max_scanned:
-        return None
-    indices = np.empty((n, k), dtype=np.int64)
-    distances = np.empty((n, k), dtype=np.float32)
-    scanned = 0
-    for cell in range(len(live)):
-        for lo, hi in queries(cell):
-            cols = columns(plan(cell, lo, hi))
-            sim = scores(lo, hi, cols)
-            top, where = torch.topk(torch.from_numpy(sim), k, dim=1)
-            rows = order[lo:hi]
-            indices[rows] = order[cols[where.numpy()]]
-            distances[rows] = np.sqrt(np.maximum(sq[lo:hi, None] - top.numpy(), 0))
-            scanned += (hi - lo) * len(cols)
-    return indices, distances, {"knn_method": "cluster-pruned", "knn_cells": int(len(live)),
-                                "knn_scanned": round(float(scanned) / n / n, 4)}
+    return indices, distances.astype(np.float64), {"knn_method": "all pairs"}
 
 
 def _embed(features: np.ndarray, perplexity: float, n_jobs: int, seed: int, progress: str | None = None,
@@ -224,7 +109,7 @@ def _embed(features: np.ndarray, perplexity: float, n_jobs: int, seed: int, prog
         t0 = time.perf_counter()
         knn_details = {}
         if knn == "exact":
-            indices, distances, knn_details = _neighbours(x, k, n_jobs, seed)
+            indices, distances, knn_details = _neighbours(x, k, n_jobs)
             t1 = time.perf_counter()
             affinities = PerplexityBasedNN(perplexity=perplexity, n_jobs=jobs, random_state=seed,
                                            knn_index=PrecomputedNeighbors(indices, distances))

@@ -14,11 +14,10 @@ import pytest
 import catalog
 import analysis.tsne as tsne_module
 from analysis.config import TSNEConfig
-from analysis.neighbours import topk_neighbours
 from analysis.pca import run_pca
 from analysis.runs import AnalysisError
 from analysis.store import create_embedding_store, open_embeddings
-from analysis.tsne import link_distances, pruned_neighbours, run_tsne, tsne_embed
+from analysis.tsne import link_distances, run_tsne, tsne_embed
 
 QUIET = {"progress": False, "log": lambda message: None}
 
@@ -53,43 +52,20 @@ def test_planted_blobs_stay_apart_and_a_seed_repeats():
     np.testing.assert_allclose(tsne_embed(x, perplexity=30, n_jobs=1, seed=0), xy)
 
 
-def test_the_pruned_knn_path_feeds_the_map(monkeypatch):
+def test_the_maps_neighbours_are_the_exact_knn():
     x, labels = blobs(60, 10, 20, seed=2)
-    monkeypatch.setattr(tsne_module, "PRUNE_FROM", 100)
-    monkeypatch.setattr(tsne_module, "CELL_DIVISOR", 1.0)  # 24 cells of 600 points, as 100k points get 79
     xy, details = tsne_module._embed(x, 10, 1, 0)
-    assert details["knn_method"] == "cluster-pruned" and details["k"] == 30 and details["knn_scanned"] < 0.35
+    assert details["knn_method"] == "all pairs" and details["k"] == 30
     assert knn_accuracy(xy, labels) > 0.9
-    pruned, _, _ = tsne_module._neighbours(x, 30, 1)
-    monkeypatch.setattr(tsne_module, "PRUNE_FROM", 10**9)
-    every, _, details = tsne_module._neighbours(x, 30, 1)
-    assert details["knn_method"] == "all pairs"
-    assert np.mean([len(set(a) & set(b)) for a, b in zip(pruned, every)]) > 29.9  # the same sets but for ties
-
-
-def direct(x: np.ndarray, indices: np.ndarray) -> np.ndarray:
-    return np.sort(np.linalg.norm(x[:, None, :] - x[indices], axis=2), axis=1)
-
-
-@pytest.mark.parametrize("kind", ["blobs", "duplicates"])
-def test_pruned_neighbours_are_exact(kind):
-    x, _ = blobs(120, 12, 16, seed=1)
-    if kind == "duplicates":  # distance-0 ties, and cells whose members coincide
-        x = np.concatenate([x[:720], x[:720]])
-    indices, distances, details = pruned_neighbours(x, 30, seed=0, max_scanned=1.0)
-    ref_distances, ref_indices = topk_neighbours(x, x, 30, metric="euclidean", exclude_self=True)
-    assert indices.shape == (len(x), 30) and not (indices == np.arange(len(x))[:, None]).any()
-    np.testing.assert_allclose(direct(x, indices), direct(x, ref_indices), atol=1e-4)
-    np.testing.assert_allclose(distances, ref_distances, atol=0.05)  # both from |q|^2 - score: rounding near 0
-    assert details["knn_method"] == "cluster-pruned" and details["knn_scanned"] < 0.5
-
-
-def test_structureless_data_falls_back_to_every_pair():
-    x = np.random.default_rng(0).normal(size=(1500, 40)).astype(np.float32)
-    assert pruned_neighbours(x, 30) is None
-    indices, distances, details = tsne_module._neighbours(x, 30, 1)
-    ref_distances, _ = topk_neighbours(x, x, 30, metric="euclidean", exclude_self=True)
-    assert details["knn_method"] == "all pairs" and np.allclose(distances, ref_distances)
+    indices, distances, _ = tsne_module._neighbours(x, 30, 1)
+    full = np.linalg.norm(x[:, None].astype(np.float64) - x[None], axis=2)
+    np.fill_diagonal(full, np.inf)
+    assert not (indices == np.arange(len(x))[:, None]).any()
+    # The same neighbours but for float32 near-ties: their true distances are the 30 smallest.
+    nearest = np.sort(full, axis=1)[:, :30]
+    np.testing.assert_allclose(np.take_along_axis(full, indices, axis=1), nearest, atol=1e-3)
+    assert distances.dtype == np.float64
+    np.testing.assert_allclose(distances, nearest, atol=1e-2)
 
 
 @pytest.mark.parametrize("n", [100, 12, 3, 1, 0])
