@@ -25,7 +25,7 @@ from analysis.neighbours import l2_normalise, pruned_neighbours, topk_neighbours
 from analysis.runs import AnalysisError
 from analysis.store import Embeddings, write_json
 
-__all__ = ["weighted_knn", "knn_neighbours", "run_knn", "retrieval_accuracy", "run_retrieval", "space_matrix"]
+__all__ = ["weighted_knn", "neighbour_votes", "knn_neighbours", "run_knn", "retrieval_accuracy", "run_retrieval", "space_matrix"]
 
 PRUNE_FROM = 20_000  # training rows from which the cluster-pruned search is tried first
 
@@ -68,10 +68,16 @@ def weighted_knn(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, t
     similarity, index, found = knn_neighbours(test_x, train_x, k_max, query_chunk, prune)
     if details is not None:
         details.update(found)
+    return neighbour_votes(similarity, index, train_y, test_y, ks, temperature, n_classes)
+
+
+def neighbour_votes(similarity: np.ndarray, index: np.ndarray, train_y: np.ndarray, test_y: np.ndarray,
+                    ks: tuple[int, ...], temperature: float, n_classes: int) -> dict[int, dict[str, float]]:
+    """The votes of :func:`weighted_knn` from neighbours already found (n_test x max(ks), most similar first)."""
     weights = np.exp(similarity / temperature)
     neighbour_labels = train_y[index]
     out: dict[int, dict[str, float]] = {}
-    n_test = len(test_x)
+    n_test = len(test_y)
     flat_rows = np.arange(n_test, dtype=np.int64)[:, None] * n_classes
     for k in ks:
         # One bincount over (row, label) pairs: np.add.at does the same ~20x slower.
@@ -101,6 +107,18 @@ def run_knn(embeddings: Embeddings, results: Path, config: KNNConfig, metadata, 
                  "temperature": config.temperature, "train": int(len(train_rows)), "test": int(len(test_rows)),
                  "labels": {}}
     matrices = {s: (space_matrix(embeddings, s, train_rows), space_matrix(embeddings, s, test_rows)) for s in spaces}
+    found: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+
+    def neighbours(space: str, known_train: np.ndarray, known_test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        # Labels known for the same samples share one search (usually all of them: one search per space).
+        key = (space, known_train.tobytes(), known_test.tobytes())
+        if key not in found:
+            train_x, test_x = matrices[space]
+            similarity, index, _ = knn_neighbours(test_x[known_test], train_x[known_train], max(config.k),
+                                                  config.query_chunk)
+            found[key] = similarity, index
+        return found[key]
+
     for label in labels:
         values = metadata[label].astype("object").to_numpy()
         known_train = np.array([v is not None and v == v for v in values[train_rows]])
@@ -115,9 +133,10 @@ def run_knn(embeddings: Embeddings, results: Path, config: KNNConfig, metadata, 
         majority = np.bincount(train_codes[known_train], minlength=len(classes)).argmax()
         entry = {"classes": len(classes), "majority_baseline": float((test_codes[known_test] == majority).mean()),
                  "spaces": {}}
-        for space, (train_x, test_x) in matrices.items():
-            scores = weighted_knn(train_x[known_train], train_codes[known_train], test_x[known_test],
-                                  test_codes[known_test], config.k, config.temperature, len(classes), config.query_chunk)
+        for space in matrices:
+            similarity, index = neighbours(space, known_train, known_test)
+            scores = neighbour_votes(similarity, index, train_codes[known_train], test_codes[known_test], config.k,
+                                     config.temperature, len(classes))
             entry["spaces"][space] = {str(k): v for k, v in scores.items()}
         out["labels"][label] = entry
         headline = 20 if 20 in config.k else config.k[0]
