@@ -5,6 +5,7 @@ BIN    := $(VENV)/bin
 DEMO   := demo
 FRAMES ?= 160
 WORKERS ?= $(shell nproc)
+HALF_CORES := $(shell n=$$(nproc); echo $$(( n > 1 ? n / 2 : 1 )))
 # Tiny ViTs for a few epochs on 2 ranks: the whole training path (MPI, gloo, loader, checkpoints) in about a minute.
 # AdamW at a high rate: in 140 steps it learns more than LARS at its ImageNet rate (the demo's report compares it
 # with the random-init model).
@@ -53,7 +54,7 @@ test-fast: install
 	$(BIN)/python -m pytest -q -m 'not slow'
 
 bench: install
-	$(BIN)/python bench/ingest.py
+	$(BIN)/python bench/ingest.py --mpi 2x$(HALF_CORES)
 	$(BIN)/python bench/catalog.py
 	$(BIN)/python bench/selection.py
 	$(BIN)/python bench/train.py
