@@ -22,17 +22,24 @@ import tomli_w
 
 __all__ = [
     "ConfigError", "config_from_dict", "read_toml", "load_config", "config_to_dict", "dump_config", "provenance",
-    "launched_by_mpi",
+    "launched_by_mpi", "launched_world_size",
 ]
 
 # Set by MPI launchers for their ranks: Hydra/MPICH and Slurm's PMI, PMIx, Open MPI, MVAPICH, Cray PALS.
 _LAUNCHER_VARIABLES = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE", "PALS_RANKID")
+# Of those, the world sizes (Hydra/MPICH and Slurm's PMI, Open MPI, MVAPICH).
+_LAUNCHER_SIZES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 
 
 def launched_by_mpi() -> bool:
     """Whether an MPI launcher started this process (asked without importing MPI, which cannot always start
     without a launcher, and without torch: the PCA and ingest processes stay small)."""
     return any(name in os.environ for name in _LAUNCHER_VARIABLES)
+
+
+def launched_world_size() -> int:
+    """How many ranks the launcher says it started (1 when it does not say)."""
+    return max(int(os.environ.get(name) or 1) for name in _LAUNCHER_SIZES)
 
 T = TypeVar("T")
 

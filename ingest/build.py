@@ -30,7 +30,7 @@ import pyarrow as pa
 from catalog.location import load_nodes_csv, node_periods, splits
 from catalog.maintain import location_table, set_nodes_locked, write_snapshot
 from catalog.query import Catalog
-from catalog.runinfo import dump_config, launched_by_mpi, provenance
+from catalog.runinfo import dump_config, launched_by_mpi, launched_world_size, provenance
 from catalog.schema import FILES, LOCATION_COLUMNS, NODES, RUNS, SAMPLES, SHARDS
 from catalog.store import DatasetLayout, dataset_lock, write_parts
 from ingest.config import IngestConfig
@@ -192,10 +192,6 @@ def _changed(row: dict, previous: dict | None) -> bool:
     return any(row[k] != previous.get(k) for k in ("bytes", "status", "reason", "detail", "key", "role"))
 
 
-# World sizes that MPI launchers announce to their ranks (Hydra/MPICH and Slurm's PMI, Open MPI, MVAPICH).
-_LAUNCHER_SIZES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
-
-
 class _Ranks:
     """The MPI ranks of a build: just this process without mpiexec. Rank 0 locks, plans and commits; every
     rank writes a share of the frames into shards of its own."""
@@ -207,7 +203,7 @@ class _Ranks:
         if launched_by_mpi():
             from mpi4py import MPI
 
-            launched = max(int(os.environ.get(name, "1") or 1) for name in _LAUNCHER_SIZES)
+            launched = launched_world_size()
             if MPI.COMM_WORLD.Get_size() < launched:
                 raise BuildError(
                     f"the launcher started {launched} ranks but MPI sees {MPI.COMM_WORLD.Get_size()}: mpi4py loaded "
@@ -375,10 +371,8 @@ def _lead(
             sample_rows, shard_records, decided = _place_shards(
                 shares, outcomes, layout, config.shard_prefix, state.next_shard, run_id
             )
+        finally:
             shutil.rmtree(work_dir, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(work_dir, ignore_errors=True)
-            raise
         decisions += decided
         summary.decode_seconds = time.perf_counter() - t_decode
         summary.frames_decoded = len(tasks)

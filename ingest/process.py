@@ -58,7 +58,6 @@ class FrameResult:
 class Piece:
     """Consecutive frames one worker turns into samples, appending their bytes to ``segment``."""
 
-    index: int
     tasks: tuple[FrameTask, ...]
     segment: str
 

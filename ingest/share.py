@@ -77,7 +77,7 @@ def plan_pieces(tasks: list[FrameTask], workers: int, work_dir: Path, tag: str) 
     pieces, start = [], 0
     while start < len(tasks):
         size = max(1, min(_MOST_FRAMES_PER_PIECE, (len(tasks) - start) // (_PIECES_PER_WORKER * max(1, workers))))
-        pieces.append(Piece(len(pieces), tuple(tasks[start : start + size]), str(work_dir / f"{tag}-p{len(pieces):06d}.seg")))
+        pieces.append(Piece(tuple(tasks[start : start + size]), str(work_dir / f"{tag}-p{len(pieces):06d}.seg")))
         start += size
     return pieces
 
@@ -163,19 +163,20 @@ def write_share(
     with _executor(workers, inline=workers <= 1 and len(tasks) < 8) as submit:
         # A bounded window of pieces in flight, so shard assembly interleaves with decoding and segments are
         # deleted as the run goes (the pool's queue is first in, first out).
-        window = 2 * workers + 2
         queued: deque = deque()
         upcoming = iter(pieces)
-        for piece in upcoming:
-            queued.append((piece, submit(process_piece, piece, str(raw_dir), config)))
-            if len(queued) >= window:
-                break
+
+        def submit_next() -> None:
+            piece = next(upcoming, None)
+            if piece is not None:
+                queued.append((piece, submit(process_piece, piece, str(raw_dir), config)))
+
+        for _ in range(2 * workers + 2):
+            submit_next()
         while queued:
             piece, job = queued.popleft()
             results = job.result()
-            for piece_next in upcoming:
-                queued.append((piece_next, submit(process_piece, piece_next, str(raw_dir), config)))
-                break
+            submit_next()
             for result in results:
                 outcome.results.append(result)
                 place = result.placement
