@@ -85,11 +85,9 @@ def topk_neighbours(queries: np.ndarray, base: np.ndarray, k: int, metric: str =
 
     if metric not in ("cosine", "euclidean"):
         raise ValueError(f"metric must be cosine or euclidean, got {metric!r}")
-    base_t = torch.from_numpy(np.ascontiguousarray(base, dtype=np.float32))
-    if metric == "euclidean":
-        # Score 2 q.b - |b|^2 = |q|^2 - |q - b|^2 (the per-query |q|^2 does not change the ranking) as one product
-        # of [2q, 1] with [b, -|b|^2]: no second pass over the scores.
-        base_t = torch.cat([base_t, -(base_t * base_t).sum(1, keepdim=True)], dim=1)
+    # Euclidean scores 2 q.b - |b|^2 = |q|^2 - |q - b|^2 (|q|^2 does not change a query's ranking) come out of
+    # one product of _score_rows' [2q, 1] and [b, -|b|^2]: no second pass over the scores.
+    base_t = torch.from_numpy(_score_rows(base, metric, "base"))
     k_eff = min(k + (1 if exclude_self else 0), base_t.shape[0])
     n = len(queries)
     scores = np.empty((n, k_eff - (1 if exclude_self else 0)), dtype=np.float32)
@@ -102,10 +100,8 @@ def topk_neighbours(queries: np.ndarray, base: np.ndarray, k: int, metric: str =
     with torch.inference_mode():
         block = torch.empty((min(query_chunk, n), base_t.shape[0]), dtype=torch.float32)
         for start in starts:
-            q = torch.from_numpy(np.ascontiguousarray(queries[start : start + query_chunk], dtype=np.float32))
-            if metric == "euclidean":
-                q_sq = (q * q).sum(1, keepdim=True)
-                q = torch.cat([2 * q, torch.ones(len(q), 1)], dim=1)
+            chunk = np.ascontiguousarray(queries[start : start + query_chunk], dtype=np.float32)
+            q = torch.from_numpy(_score_rows(chunk, metric, "query"))
             sim = torch.matmul(q, base_t.T, out=block[: len(q)])
             if exclude_self:
                 rows = torch.arange(len(q))
@@ -115,6 +111,7 @@ def topk_neighbours(queries: np.ndarray, base: np.ndarray, k: int, metric: str =
             if exclude_self:
                 top, idx = top[:, :-1], idx[:, :-1]
             if metric == "euclidean":
+                q_sq = torch.from_numpy(np.einsum("ij,ij->i", chunk, chunk))[:, None]
                 top = torch.sqrt(torch.clamp(q_sq - top, min=0))
             scores[start : start + len(q)] = top.numpy()
             indices[start : start + len(q)] = idx.numpy()
