@@ -32,13 +32,13 @@ class EmbedConfig:
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.workers < -1 or self.chunk_rows < 1:
             raise ValueError("embed.batch_size and embed.chunk_rows must be >= 1, embed.workers >= -1 (-1: auto)")
+        if self.decode not in ("auto", "cpu", "gpu"):
+            raise ValueError(f"embed.decode must be 'auto', 'cpu' or 'gpu', got {self.decode!r}")
 
     def worker_count(self, ranks_on_node: int) -> int:
         if self.workers >= 0:
             return self.workers
         return max(1, (os.cpu_count() or 1) // max(ranks_on_node, 1) - 1)
-        if self.decode not in ("auto", "cpu", "gpu"):
-            raise ValueError(f"embed.decode must be 'auto', 'cpu' or 'gpu', got {self.decode!r}")
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,9 @@ class EmbedResult:
     computed_rows: int
     seconds: float
     skipped: bool  # already complete and current
-    steady_pairs_per_s: float | None = None  # this rank, from its first batch on (worker start-up left out)
+    # From the end of each rank's first batch on (the loader's start-up and the first forward's one-off set-up left
+    # out): this rank's rate, and on rank 0 the sum over ranks (they run at the same time).
+    steady_pairs_per_s: float | None = None
 
 
 def selection_for(run: RunDir, where: str, dataset: str | None = None):
@@ -102,6 +104,8 @@ def embed(run_dir: str | Path, checkpoint_name: str = "last", where: str | None 
         from mpi4py import MPI
 
         computed = MPI.COMM_WORLD.allreduce(computed)
+        rates = MPI.COMM_WORLD.allgather(steady)
+        steady = sum(r for r in rates if r) or None  # a rank with one batch or none has no rate
         MPI.COMM_WORLD.Barrier()
     if rank == 0:
         import zarr
@@ -112,7 +116,8 @@ def embed(run_dir: str | Path, checkpoint_name: str = "last", where: str | None 
             raise AnalysisError(f"{path}: some chunks were not written; run `analysis embed` again")
         group.attrs.update({"complete": True, "world_size": world, "seconds": seconds})
         rate = computed / seconds if seconds > 0 else float("nan")
-        log(f"{path}: {verdict['n']} samples ({computed} embedded now, {rate:.0f} pairs/s on {world} rank(s))")
+        after_first = f"; {steady:.0f} pairs/s after each rank's first batch" if steady else ""
+        log(f"{path}: {verdict['n']} samples ({computed} embedded now, {rate:.0f} pairs/s on {world} rank(s){after_first})")
     return EmbedResult(path, verdict["n"], computed, seconds, False, steady)
 
 
@@ -217,28 +222,33 @@ def _embed_my_chunks(run: RunDir, verdict: dict, cfg: EmbedConfig, rank: int, wo
     started = time.perf_counter()
     prefetch = DevicePrefetcher(loader, views, device)
     try:
-        first_batch_at = _write_chunks(prefetch, model, autocast, group, names, n, chunk_rows, all_keys, path, bar)
+        warm = _write_chunks(prefetch, model, autocast, group, names, n, chunk_rows, all_keys, path, bar)
     finally:
         prefetch.close()
     if bar is not None:
         bar.close()
     ended = time.perf_counter()
-    steady = total / (ended - first_batch_at) if first_batch_at is not None and ended > first_batch_at else None
+    steady = None
+    if warm is not None and total > warm[1] and ended > warm[0]:
+        steady = (total - warm[1]) / (ended - warm[0])
     return total, ended - started, steady
 
 
-def _write_chunk(group, names: list[str], chunk: int, start: int, stop: int, arrays: dict[str, np.ndarray]) -> None:
+def _write_chunk(group, names: list[str], chunk: int, start: int, stop: int, arrays: dict, copied=None) -> None:
+    if copied is not None:
+        copied.synchronize()  # the device-to-host copies of this chunk have landed
     for name in names:
-        group[name][start:stop] = arrays[name]
+        group[name][start:stop] = arrays[name].numpy()
     group["done"][chunk] = 1  # after the rows: a chunk marked done is complete on disk
 
 
-def _write_chunks(prefetch, model, autocast, group, names, n, chunk_rows, all_keys, path, bar) -> float | None:
+def _write_chunks(prefetch, model, autocast, group, names, n, chunk_rows, all_keys, path, bar) -> tuple[float, int] | None:
     """Embed every prepared batch; write each chunk, then its done flag, once all its rows are in.
 
-    A chunk's outputs stay on the device until the chunk is full and come back in one copy: a copy per batch
-    would make the host wait for every batch and leave the GPU idle while the next one is launched.
-    Returns when the first batch arrived (the steady rate is measured from there)."""
+    A chunk's outputs stay on the device until the chunk is full and come back in one copy, into pinned memory
+    without the host waiting: the writer thread waits for the copy, so the GPU queue never drains at a chunk's end.
+    Returns (when the first batch had been embedded, its rows), or None if there was no batch: the steady rate
+    is measured from there, past the loader's start-up and the first forward's one-off library set-up."""
     from concurrent.futures import ThreadPoolExecutor
 
     import torch
@@ -248,12 +258,10 @@ def _write_chunks(prefetch, model, autocast, group, names, n, chunk_rows, all_ke
     parts: dict[int, dict[str, list]] = {}
     filled: dict[int, int] = {}
     dtypes = {name: torch.float16 if group[name].dtype == np.float16 else torch.float32 for name in names}
-    first_batch_at = None
+    warm = None
     try:
         with torch.inference_mode():
             for batch, (first, second) in prefetch:
-                if first_batch_at is None:
-                    first_batch_at = time.perf_counter()
                 c, offset = batch["tag"]
                 with autocast:
                     h_rgb = model.rgb_backbone(first)
@@ -272,13 +280,17 @@ def _write_chunks(prefetch, model, autocast, group, names, n, chunk_rows, all_ke
                 for name in names:
                     chunk[name].append(out[name].to(dtypes[name]))
                 filled[c] = filled.get(c, 0) + rows
+                if warm is None:
+                    if first.is_cuda:
+                        torch.cuda.synchronize(first.device)  # once: the first batch's set-up is not the rate
+                    warm = (time.perf_counter(), rows)
                 if bar is not None:
                     bar.update(rows)
                 if filled[c] == stop - start:
-                    arrays = {name: torch.cat(chunk[name]).cpu().numpy() for name in names}
+                    arrays, copied = _to_host({name: torch.cat(chunk[name]) for name in names})
                     del parts[c], filled[c]
                     # Compressing and writing a chunk takes a while: a writer thread does it while the GPU goes on.
-                    pending.append(writer.submit(_write_chunk, group, names, c, start, stop, arrays))
+                    pending.append(writer.submit(_write_chunk, group, names, c, start, stop, arrays, copied))
                     while pending and pending[0].done():
                         pending.pop(0).result()
     finally:
@@ -288,4 +300,18 @@ def _write_chunks(prefetch, model, autocast, group, names, n, chunk_rows, all_ke
         future.result()
     if parts:
         raise AnalysisError(f"{path}: chunks {sorted(parts)} were not filled (loader ended early)")
-    return first_batch_at
+    return warm
+
+
+def _to_host(tensors: dict):
+    """(host copies, an event marking when they are complete, or None when they already are)."""
+    import torch
+
+    first = next(iter(tensors.values()))
+    if not first.is_cuda:
+        return {name: t.cpu() for name, t in tensors.items()}, None
+    host = {name: torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+            for name, t in tensors.items()}
+    copied = torch.cuda.Event()
+    copied.record()
+    return host, copied

@@ -71,7 +71,7 @@ def samples_table(n: int, rng: np.random.Generator) -> pa.Table:
         "ir_size": np.full(n, 338_816), "json_offset": offsets + 339_840, "json_size": np.full(n, 700),
         "rgb_offset": offsets + 341_504, "rgb_size": np.full(n, 90_000), "rgb_width": np.full(n, 672),
         "rgb_height": np.full(n, 504), "ir_width": np.full(n, 336), "ir_height": np.full(n, 252),
-        "source_width": np.full(n, 6144), "source_height": np.full(n, 2048), "draft_factor": np.full(n, 2),
+        "source_width": np.full(n, 6144), "source_height": np.full(n, 2048), "decode_scale": np.full(n, 0.375),
         "ir_min": rng.normal(-30, 10, n), "ir_mean": rng.normal(-5, 15, n), "ir_max": rng.normal(20, 10, n),
         "ir_std": rng.uniform(1, 20, n), "ir_nan_fraction": np.zeros(n), "rgb_mean": rng.uniform(0, 1, n),
         "rgb_file": None, "thermal_file": None, "ingest_run": np.full(n, "run-000001", dtype=object),

@@ -2,8 +2,9 @@
 
 Irreducible work of one frame, measured in one process: parse the celsius CSV, decode the JPEG at the scale
 used (DCT-scaled 1/2 for the default 672x504 output), crop+resize, encode the output JPEG and the .npy. It is
-measured for every decode tried (Pillow's 1/2 draft, which ingest uses; libjpeg-turbo's M/8 scales through
-simplejpeg, when installed), so the one-core floor of each is printed side by side.
+measured for every decode tried (libjpeg-turbo's 3/8 through simplejpeg, which ingest uses: the smallest M/8 that
+covers the output; 4/8; Pillow's 1/2 draft, which ingest used before), so the one-core floor of each is printed
+side by side.
 
 Because a machine's cores need not scale (two vCPUs may share one physical core, memory bandwidth, turbo),
 the same irreducible work is also run in W processes at once: that "concurrent limit" is what W workers could
@@ -33,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._common import OUT, record  # noqa: E402
 from ingest.build import build_shards  # noqa: E402
 from ingest.config import IngestConfig  # noqa: E402
-from ingest.optical import crop_optical, encode_jpeg, optical_crop_box  # noqa: E402
+from ingest.optical import crop_optical, crop_optical_pillow, encode_jpeg  # noqa: E402
 from ingest.process import encode_npy  # noqa: E402
 from ingest.synth import SynthConfig, synthesize  # noqa: E402
 from ingest.thermal import parse_celsius_csv  # noqa: E402
@@ -49,34 +50,13 @@ def raw_frames(frames: int) -> Path:
     return raw
 
 
-def _simplejpeg_crop(eighths: int):
-    """Decode at eighths/8 with libjpeg-turbo (simplejpeg), then the same crop+resize as ingest."""
-    import simplejpeg
-    from PIL import Image
-
-    def crop(data: bytes, config: IngestConfig, out_size: tuple[int, int]):
-        height, width, _, _ = simplejpeg.decode_jpeg_header(data)
-        # simplejpeg picks the smallest scale at least this large: ask for exactly eighths/8.
-        image = simplejpeg.decode_jpeg(data, min_width=math.ceil(width * eighths / 8), min_height=math.ceil(height * eighths / 8))
-        box = optical_crop_box(width, height, config.crop)
-        sx, sy = width / image.shape[1], height / image.shape[0]
-        scaled = (box[0] / sx, box[1] / sy, box[2] / sx, box[3] / sy)
-        return Image.fromarray(image).resize(out_size, Image.Resampling.BICUBIC, box=scaled)
-
-    return crop
-
-
 def decoders(config: IngestConfig) -> dict:
-    """Every decode that covers the output: ingest's own, and libjpeg-turbo's M/8 scales if simplejpeg is here."""
-    found = {"Pillow draft 1/2 (ingest)": lambda data, cfg, size: crop_optical(data, cfg.crop, size, cfg.resample).image}
-    try:
-        import simplejpeg  # noqa: F401 - only whether it is installed
-    except ImportError:
-        return found
-    # The crop box is 1942x1593 of the 6144x2048 frame; the output 672x504: scales from 3/8 up cover it.
-    for eighths in (3, 4):
-        found[f"simplejpeg {eighths}/8"] = _simplejpeg_crop(eighths)
-    return found
+    """Every decode that covers the output: ingest's own (the smallest M/8), the next scale up, and Pillow's."""
+    return {
+        "simplejpeg 3/8 (ingest)": lambda data, cfg, size: crop_optical(data, cfg.crop, size, cfg.resample).image,
+        "simplejpeg 4/8": lambda data, cfg, size: crop_optical(data, cfg.crop, size, cfg.resample, eighths=4).image,
+        "Pillow draft 1/2 (ingest before)": lambda data, cfg, size: crop_optical_pillow(data, cfg.crop, size, cfg.resample).image,
+    }
 
 
 def irreducible_seconds(raw: Path, config: IngestConfig, crop=None, frames: int | None = None) -> tuple[float, dict[str, float]]:
@@ -137,11 +117,10 @@ def decode_floors(raw: Path, config: IngestConfig, frames: int) -> list[str]:
     for name, seconds in floors.items():
         lines.append(f"one-core floor with {name}: {seconds * 1000:.1f} ms a frame ("
                      + ", ".join(f"{k} {v * 1000:.1f}" for k, v in measured[name].items()) + "; the faster of 2 rounds)")
-    if len(floors) == 1:
-        lines.append("simplejpeg is not installed (pip install simplejpeg): only ingest's own decode was measured")
-    else:
-        best = min(floors, key=floors.get)
-        lines.append(f"fastest: {best}" + ("; ingest keeps it" if "ingest" in best else "; ingest does not use it yet"))
+    best = min(floors, key=floors.get)
+    ours = next(name for name in floors if name.endswith("(ingest)"))
+    lines.append(f"fastest: {best}" + ("; ingest uses it" if best == ours else
+                                       f"; ingest uses {ours}, {floors[ours] / floors[best] - 1:.1%} slower"))
     return lines
 
 
@@ -157,12 +136,13 @@ def bench_workers(raw: Path, workers: int, frames: int, repeats: int, sample: in
         summary = build_shards(raw, dataset, IngestConfig(workers=workers), progress=False, log=lambda m: None)
         seconds = time.perf_counter() - started
         cpu_per_frame = (_cpu_seconds() - cpu_before) / summary.frames_decoded
-        runs.append((summary.frames_decoded / seconds, seconds, summary.frames_per_second, cpu_per_frame))
+        phases = f"plan {summary.plan_seconds:.2f} s, decode {summary.decode_seconds:.2f} s, commit {summary.commit_seconds:.2f} s"
+        runs.append((summary.frames_decoded / seconds, seconds, summary.frames_per_second, cpu_per_frame, phases))
         shutil.rmtree(dataset, ignore_errors=True)
         limits.append(irreducible_seconds(raw, config, frames=sample))
         together.append(concurrent_limit(raw, workers, sample))
     per_frame, parts = sorted(limits)[len(limits) // 2]
-    rate, seconds, steady, cpu_per_frame = max(runs)
+    rate, seconds, steady, cpu_per_frame, phases = max(runs)
     limit = workers / per_frame
     concurrent = _median(together)
     return [
@@ -172,8 +152,8 @@ def bench_workers(raw: Path, workers: int, frames: int, repeats: int, sample: in
         f"{workers} worker(s): the same work in {workers} process(es) at once (concurrent limit): {concurrent:.2f} frames/s "
         f"(measured {', '.join(f'{x:.1f}' for x in together)}) = {concurrent / limit:.2f} x {workers} one-core rates",
         f"{workers} worker(s): build-shards on {frames} full-size frames: {rate:.2f} frames/s (whole run {seconds:.1f} s, "
-        f"best of {len(runs)}) = **{rate / concurrent:.2f} of the concurrent limit** (target >= 0.90); while decoding "
-        f"{steady:.2f} frames/s = {steady / concurrent:.2f}",
+        f"best of {len(runs)}: {phases}) = **{rate / concurrent:.2f} of the concurrent limit** (target >= 0.90); while "
+        f"decoding {steady:.2f} frames/s = {steady / concurrent:.2f}",
         f"{workers} worker(s): CPU time per frame over all processes {cpu_per_frame * 1000:.1f} ms vs "
         f"{per_frame * 1000:.1f} ms irreducible: {per_frame / cpu_per_frame:.2f} of the CPU goes to the irreducible work",
     ]
@@ -200,16 +180,17 @@ def bench_mpi(raw: Path, ranks: int, workers: int, frames: int, repeats: int, sa
             return [f"mpiexec -n {ranks} x {workers} workers FAILED ({result.returncode}): {result.stderr[-500:]}"]
         decoded, steady, inside = int(found[1]), float(found[2]), float(found[3])
         shares = re.search(r"each rank's share took ([^\n]*)", result.stdout)
-        runs.append((decoded / inside, inside, steady, wall, shares[1] if shares else "?"))
+        phases = re.search(r"time: ([^\n]*)", result.stdout)
+        runs.append((decoded / inside, inside, steady, wall, shares[1] if shares else "?", phases[1] if phases else "?"))
         shutil.rmtree(dataset, ignore_errors=True)
         together.append(concurrent_limit(raw, ranks * workers, sample))
-    rate, inside, steady, wall, shares = max(runs)
+    rate, inside, steady, wall, shares, phases = max(runs)
     concurrent = _median(together)
     return [
         f"mpiexec -n {ranks} x {workers} workers: the irreducible work in {ranks * workers} processes at once: "
         f"{concurrent:.2f} frames/s (measured {', '.join(f'{x:.1f}' for x in together)})",
         f"mpiexec -n {ranks} x {workers} workers: build-shards on {frames} full-size frames: {rate:.2f} frames/s "
-        f"(rank 0's whole build {inside:.1f} s; the command with {ranks} interpreters starting {wall:.1f} s; best of "
+        f"(rank 0's whole build {inside:.1f} s: {phases}; the command with {ranks} interpreters starting {wall:.1f} s; best of "
         f"{len(runs)}) = **{rate / concurrent:.2f} of the concurrent limit** (target >= 0.90); while decoding "
         f"{steady:.2f} frames/s = {steady / concurrent:.2f}; each rank's share took {shares}",
     ]

@@ -37,6 +37,7 @@ from bench._common import OUT, record  # noqa: E402
 
 BATCH = 256
 EXPANDER = "[2048, 2048, 2048]"
+CHUNK_ROWS = 4096
 
 
 def run(argv: list[str], **kwargs) -> subprocess.CompletedProcess:
@@ -157,10 +158,86 @@ def analysis_embed(run_dir: Path, dataset: Path, decode: str, workers: int, chec
     from analysis.embed import embed
 
     shutil.rmtree(run_dir / "embeddings", ignore_errors=True)
-    config = EmbedConfig(batch_size=BATCH, workers=workers, decode=decode, chunk_rows=4096)
+    config = EmbedConfig(batch_size=BATCH, workers=workers, decode=decode, chunk_rows=CHUNK_ROWS)
     result = embed(run_dir, checkpoint, where="TRUE", config=config, dataset=str(dataset), progress=False)
     return {"decode": decode, "workers": workers, "rows": result.rows, "seconds": result.seconds,
             "steady": result.steady_pairs_per_s}
+
+
+def analysis_embed_ranks(run_dir: Path, dataset: Path, ranks: int, workers: int, checkpoint: str = "last",
+                         decode: str = "gpu") -> dict:
+    """`mpiexec -n R analysis embed` with every rank on the one GPU: each process has its own Python (GIL),
+    so one rank's host work (launching kernels, collecting batches) overlaps the other's GPU work."""
+    mpiexec = shutil.which("mpiexec", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    if mpiexec is None:
+        return {"error": "no mpiexec"}
+    shutil.rmtree(run_dir / "embeddings", ignore_errors=True)
+    toml = OUT / f"embed-{ranks}-ranks.toml"
+    toml.write_text(f'[embed]\nbatch_size = {BATCH}\nworkers = {workers}\ndecode = "{decode}"\nchunk_rows = {CHUNK_ROWS}\n')
+    argv = [mpiexec, "-n", str(ranks), sys.executable, "-m", "analysis", "embed", str(run_dir), "--checkpoint",
+            checkpoint, "--dataset", str(dataset), "--config", str(toml), "--quiet"]
+    print("+", " ".join(argv), flush=True)
+    started = time.perf_counter()
+    result = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    import re
+
+    found = re.search(r"(\d+) samples \((\d+) embedded now, (\d+) pairs/s on (\d+) rank\(s\); (\d+) pairs/s after", result.stderr)
+    if result.returncode != 0 or found is None:
+        return {"error": f"exit {result.returncode}: {result.stderr[-400:]}"}
+    return {"decode": decode, "ranks": ranks, "workers": workers, "rows": int(found[1]), "rate": float(found[3]),
+            "steady": float(found[5]), "wall": wall}
+
+
+def _synchronize(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def feed_only(run_dir: Path, dataset: Path, workers: int, checkpoint: str) -> dict:
+    """pairs/s of the embed's input alone, no model: the loader's workers (bytes + IR crops) by themselves, and with
+    the device side added (DevicePrefetcher: nvJPEG decode, roi_align crops, normalisation on a side stream)."""
+    import dataclasses
+
+    import numpy as np
+    import torch
+
+    import catalog
+    from analysis.runs import RunDir
+    from shards.reader import SelectionReader
+    from training.loader import BatchViews, DevicePrefetcher, RowBatches, make_loader
+
+    config = RunDir.open(run_dir).training_config()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # cpu: only to try the bench out
+    data, m = dataclasses.replace(config.data, decode="gpu" if device.type == "cuda" else "cpu"), config.model
+    with catalog.open(dataset) as cat:
+        selection = cat.select("TRUE")
+    n = selection.num_rows
+    batches = [((0, b), np.arange(b, min(b + BATCH, n))) for b in range(0, n, BATCH)]
+    rates = {}
+    for what in ("loader", "loader+device"):
+        loader = make_loader(RowBatches(SelectionReader(selection, dataset), batches, data, m.mode, data.ir_mean),
+                             workers, 4, pin_memory=device.type == "cuda")
+        if what == "loader":
+            stream = ((batch, None) for batch in loader)
+            prefetch = None
+        else:
+            views = BatchViews(data, m.mode, m.rgb_patch, m.ir_patch, data.ir_mean, data.ir_std, device)
+            prefetch = stream = DevicePrefetcher(loader, views, device)
+        count, warm = 0, None
+        for batch, _ in stream:
+            count += len(batch["keys"])
+            if warm is None:
+                _synchronize(device)
+                warm = (time.perf_counter(), count)
+        _synchronize(device)
+        ended = time.perf_counter()
+        if prefetch is not None:
+            prefetch.close()
+        rates[what] = (count - warm[1]) / (ended - warm[0])
+    return rates
 
 
 def embed_run_dir(root: Path, dataset: Path) -> Path:
@@ -190,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--embed-scale", type=float, default=0.25, help="source scale of the embed dataset")
     parser.add_argument("--only-embed", action="store_true",
                         help="measure only `analysis embed` (random-init weights) against the model-only rate")
+    parser.add_argument("--embed-ranks", type=lambda text: [int(r) for r in text.split(",") if r], default=[2],
+                        help="also `mpiexec -n R analysis embed` on the one GPU for each R (comma-separated; '' none)")
     parser.add_argument("--summary", help="also write the recorded lines here (markdown)")
     args = parser.parse_args(argv)
 
@@ -198,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("bench/train_gpu.py needs a CUDA GPU", file=sys.stderr)
         return 2
-    lines, results, embeds = [], [], []
+    lines, results, embeds, ranked, feed = [], [], [], [], {}
     if not args.only_embed:
         dataset, lines = build_dataset(OUT / f"train-gpu-{args.frames}", args.frames, args.workers)
         agreement = decode_agreement(dataset)
@@ -217,6 +296,9 @@ def main(argv: list[str] | None = None) -> int:
         embeds = [analysis_embed(run_dir, embed_dataset, "gpu", args.embed_workers, checkpoint),
                   analysis_embed(run_dir, embed_dataset, "gpu", args.embed_workers, checkpoint),
                   analysis_embed(run_dir, embed_dataset, "cpu", args.workers, checkpoint)]
+        for ranks in args.embed_ranks:
+            ranked.append(analysis_embed_ranks(run_dir, embed_dataset, ranks, max(args.embed_workers // ranks, 1), checkpoint))
+        feed = feed_only(run_dir, embed_dataset, args.embed_workers, checkpoint)
     model = model_only(args.steps)
     limit = model["train_pairs_per_s"]
     lines.insert(0, f"GPU: {model['gpu']}, torch {model['torch']}, bf16 autocast, batch {BATCH}, ViT-S/16 RGB 240x320 + "
@@ -234,10 +316,23 @@ def main(argv: list[str] | None = None) -> int:
         steady = e["steady"] or float("nan")
         lines.append(
             f"`analysis embed` (ViT-S pair + expanders, bf16, batch {BATCH}), embed.decode = {e['decode']} "
-            f"({e['workers']} workers), {e['rows']} samples: {steady:.0f} pairs/s from the first batch on "
-            f"({e['rows'] / e['seconds']:.0f} with worker start-up) = {steady / model['embed_pairs_per_s']:.2f} of the "
-            f"model-only embed rate (target >= 0.8)"
+            f"({e['workers']} workers), {e['rows']} samples: {steady:.0f} pairs/s after the first batch "
+            f"({e['rows'] / e['seconds']:.0f} with worker start-up) = **{steady / model['embed_pairs_per_s']:.2f} of the "
+            f"model-only embed rate** (target >= 0.8)"
         )
+    for e in ranked:
+        if "error" in e:
+            lines.append(f"`mpiexec analysis embed` on one GPU FAILED: {e['error']}")
+            continue
+        lines.append(
+            f"`mpiexec -n {e['ranks']} analysis embed` on the one GPU, embed.decode = gpu ({e['workers']} workers a rank), "
+            f"{e['rows']} samples: {e['steady']:.0f} pairs/s after each rank's first batch ({e['rate']:.0f} with start-up; "
+            f"command {e['wall']:.1f} s) = **{e['steady'] / model['embed_pairs_per_s']:.2f} of the model-only embed rate**"
+        )
+    if feed:
+        lines.append("the embed's input alone, no model: " + "; ".join(
+            f"{what} {rate:.0f} pairs/s ({rate / model['embed_pairs_per_s']:.2f} x the model-only embed rate)"
+            for what, rate in feed.items()))
     record("bench/train_gpu.py", lines)
     if args.summary:
         Path(args.summary).write_text("\n".join(f"- {line}" for line in lines) + "\n")

@@ -48,7 +48,7 @@ SAMPLES = pa.schema(
         ("ir_height", pa.int32()),
         ("source_width", pa.int32()),
         ("source_height", pa.int32()),
-        ("draft_factor", pa.int8()),
+        ("decode_scale", pa.float32()),  # the source JPEG was decoded at this fraction of its size (M/8)
         ("ir_min", pa.float32()),
         ("ir_mean", pa.float32()),
         ("ir_max", pa.float32()),

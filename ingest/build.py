@@ -68,7 +68,9 @@ class BuildSummary:
     samples_per_node: dict[str, int] = field(default_factory=dict)
     unlocated_vsns: list[str] = field(default_factory=list)
     removed_uncommitted: list[str] = field(default_factory=list)
-    decode_seconds: float = 0.0
+    plan_seconds: float = 0.0  # lock, clean-up, catalog state, scan, metadata join, plan: before any decoding
+    decode_seconds: float = 0.0  # every rank's share decoded into shards, placed in shards/
+    commit_seconds: float = 0.0  # catalog tables built and committed (the rest of the run)
     share_seconds: list[float] = field(default_factory=list)  # per rank: its share's frames to assembled shards
     workers: list[int] = field(default_factory=list)  # per rank
     seconds: float = 0.0
@@ -366,6 +368,7 @@ def _lead(
         shares = split_by_bytes(tasks, ranks.size)
         ranks.announce(_SharePlan(run_id, str(raw), str(work_dir), shares, config))
         t_decode = time.perf_counter()
+        summary.plan_seconds = t_decode - t_start
         try:
             outcomes = _write_own_share(ranks, shares[0], raw, config, work_dir, progress)
             sample_rows, shard_records, decided = _place_shards(
@@ -423,6 +426,7 @@ def _lead(
         per_node = state.samples_per_node + Counter(r["vsn"] for r in sample_rows)
         summary.samples_per_node = dict(sorted(per_node.items()))
     summary.seconds = time.perf_counter() - t_start
+    summary.commit_seconds = summary.seconds - summary.plan_seconds - summary.decode_seconds
     return summary
 
 

@@ -69,6 +69,8 @@ def _print_summary(summary: BuildSummary, dataset: str) -> None:
         f"  added {summary.samples_added} samples in {summary.shards_added} shard(s); decoded {summary.frames_decoded}"
         f" frames at {summary.frames_per_second:.1f} frames/s; {summary.seconds:.1f} s in all"
     )
+    print(f"  time: plan {summary.plan_seconds:.2f} s (scan, metadata, plan), decode {summary.decode_seconds:.2f} s, "
+          f"commit {summary.commit_seconds:.2f} s")
     if len(summary.share_seconds) > 1:
         slowest = max(summary.share_seconds)
         print(

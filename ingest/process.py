@@ -126,7 +126,7 @@ def process_frame(task: FrameTask, raw_dir: str, config: IngestConfig) -> FrameR
         "ir_height": ir_height,
         "source_width": optical.source_size[0],
         "source_height": optical.source_size[1],
-        "draft_factor": optical.draft_factor,
+        "decode_scale": optical.decode_scale,
     }
     members = {
         IR_MEMBER: encode_npy(celsius),

@@ -1,4 +1,5 @@
 import io
+import math
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from ingest.naming import (
     parse_raw_path,
     position_from_label,
 )
-from ingest.optical import CorruptJPEGError, crop_optical, draft_factor, optical_crop_box
+from ingest.optical import CorruptJPEGError, crop_optical, crop_optical_pillow, decode_eighths, optical_crop_box
 from tests.conftest import fixtures_dir
 
 
@@ -68,10 +69,10 @@ def test_parse_raw_path():
 
 def test_crop_geometry():
     assert optical_crop_box(6144, 2048, KONZA_CROP) == pytest.approx((685, 215, 3072 - 445, 2048 - 240))
-    # 1942x1593 box -> 672x504 output: 1/2-scale decoding is enough, 1/4 is not
-    assert draft_factor(1942, 1593, 672, 504) == 2
-    assert draft_factor(1942, 1593, 200, 150) == 8
-    assert draft_factor(300, 200, 672, 504) == 1
+    # 1942x1593 box -> 672x504 output: 3/8-scale decoding is enough (728x597), 2/8 is not
+    assert decode_eighths(1942, 1593, 672, 504) == 3
+    assert decode_eighths(1942, 1593, 200, 150) == 1
+    assert decode_eighths(300, 200, 672, 504) == 8
     assert IngestConfig().rgb_output_size(336, 252) == (672, 504)
     with pytest.raises(ValueError):
         CropBox(left=0.6, right=0.5)
@@ -93,7 +94,53 @@ def test_crop_reads_size_from_the_image_and_stays_in_the_optical_half():
         assert result.source_size == (width, height) and result.image.size == (672, 504)
         pixels = np.asarray(result.image)
         assert pixels[..., 0].mean() > 180 and pixels[..., 2].max() < 40
-    assert crop_optical(_jpeg(6144, 2048), KONZA_CROP, (672, 504)).draft_factor == 2
+    assert crop_optical(_jpeg(6144, 2048), KONZA_CROP, (672, 504)).decode_scale == 0.375
+    assert crop_optical_pillow(_jpeg(6144, 2048), KONZA_CROP, (672, 504)).decode_scale == 0.5
+
+
+def _noise_jpeg(width: int, height: int, seed: int = 0) -> bytes:
+    """Smooth random blotches (a picture's frequencies, not pixel noise, which DCT scaling rightly changes)."""
+    coarse = (np.random.default_rng(seed).random((height // 16, width // 16, 3)) * 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("resample", ["bicubic", "lanczos", "bilinear"])
+@pytest.mark.parametrize("out_size", [(672, 504), (128, 96), (40, 30)])
+def test_crop_from_the_box_and_its_margin_equals_a_resize_of_the_whole_decoded_frame(resample, out_size):
+    import simplejpeg
+
+    from ingest.optical import _RESAMPLE
+
+    data = _noise_jpeg(3072, 1024)
+    result = crop_optical(data, KONZA_CROP, out_size, resample)
+    eighths = round(result.decode_scale * 8)
+    whole = simplejpeg.decode_jpeg(data, min_width=math.ceil(3072 * eighths / 8), min_height=math.ceil(1024 * eighths / 8))
+    sx, sy = whole.shape[1] / 3072, whole.shape[0] / 1024
+    left, top, right, bottom = result.box
+    expected = Image.fromarray(whole).resize(out_size, _RESAMPLE[resample], box=(left * sx, top * sy, right * sx, bottom * sy))
+    assert np.array_equal(np.asarray(result.image), np.asarray(expected))
+    # and close to Pillow's decode at the power of two above it (DCT scaling differs, the picture does not)
+    pillow = crop_optical_pillow(data, KONZA_CROP, out_size, resample)
+    assert pillow.decode_scale >= result.decode_scale
+    assert np.abs(np.asarray(pillow.image, np.int16) - np.asarray(result.image, np.int16)).mean() < 4
+
+
+def test_a_chosen_decode_scale_must_cover_the_output():
+    data = _noise_jpeg(1228, 410)
+    assert crop_optical(data, KONZA_CROP, (128, 96), eighths=4).decode_scale == 0.5
+    with pytest.raises(ValueError, match="does not cover"):
+        crop_optical(data, KONZA_CROP, (128, 96), eighths=2)
+
+
+def test_jpeg_that_libjpeg_turbo_rejects_strictly_is_decoded_by_pillow():
+    # A restart marker in the middle of the scan: libjpeg-turbo warns ("premature end of data segment"), which
+    # simplejpeg's strict mode raises; Pillow decodes it as it always did, so the file is still a sample.
+    data = _noise_jpeg(1228, 410)
+    damaged = data[: len(data) // 2] + b"\xff\xd0" + data[len(data) // 2 :]
+    result = crop_optical(damaged, KONZA_CROP, (128, 96))
+    assert result.decode_scale == 0.5 and result.image.size == (128, 96)  # Pillow's 1/2, not 3/8
 
 
 @pytest.mark.parametrize(
