@@ -30,13 +30,16 @@ run)
     export SAGEPAIRS_COMMIT="${2:-unknown}"
     out="${OUT:-/tmp/out}"
     mkdir -p "$out"
-    nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/log.txt"
-    timeout 330 python3 bench/train_gpu.py --only-embed --embed-frames 8192 --embed-scale 0.1 --steps 30 \
-        --embed-ranks 2 --summary "$out/train_gpu.md" 2>&1 | grep -v "^+ " | tail -40 | tee -a "$out/log.txt"
+    nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$out/gpu.txt"
+    # Straight to files, never through a pipe: a killed bench's orphaned workers would hold a pipe open, and the
+    # call would wait out its whole limit. timeout kills its process group (the bench and its workers) on overrun.
+    timeout -k 10 300 python3 bench/train_gpu.py --only-embed --embed-frames 8192 --embed-scale 0.1 \
+        --steps 30 --embed-ranks 2 --summary "$out/train_gpu.md" > "$out/train_gpu.log" 2>&1
     cp bench/RESULTS.md "$out/RESULTS.md"
-    timeout 240 python3 bench/ingest.py --frames 640 --workers 16 --mpi 2x8 --repeats 2 --sample 24 2>&1 \
-        | tail -30 | tee -a "$out/log.txt"
+    timeout -k 10 150 python3 bench/ingest.py --frames 640 --workers 16 --mpi 2x8 --repeats 2 --sample 24 \
+        > "$out/ingest.log" 2>&1
     cp bench/RESULTS.md "$out/RESULTS.md"
+    grep -h "^- " "$out/train_gpu.log" "$out/ingest.log" | cut -c1-400
     ;;
 *)
     echo "usage: bench/lent_gpu.sh install | run SHA" >&2

@@ -165,7 +165,7 @@ def analysis_embed(run_dir: Path, dataset: Path, decode: str, workers: int, chec
 
 
 def analysis_embed_ranks(run_dir: Path, dataset: Path, ranks: int, workers: int, checkpoint: str = "last",
-                         decode: str = "gpu") -> dict:
+                         decode: str = "gpu", timeout_s: float = 120.0) -> dict:
     """`mpiexec -n R analysis embed` with every rank on the one GPU: each process has its own Python (GIL),
     so one rank's host work (launching kernels, collecting batches) overlaps the other's GPU work."""
     mpiexec = shutil.which("mpiexec", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
@@ -178,7 +178,16 @@ def analysis_embed_ranks(run_dir: Path, dataset: Path, ranks: int, workers: int,
             checkpoint, "--dataset", str(dataset), "--config", str(toml), "--quiet"]
     print("+", " ".join(argv), flush=True)
     started = time.perf_counter()
-    result = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True)
+    # Its own session, so that a hung rank (and its loader workers) can be killed as a group.
+    process = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, 9)
+        process.communicate()
+        return {"error": f"did not finish in {timeout_s:.0f} s (killed)"}
+    result = subprocess.CompletedProcess(argv, process.returncode, stdout, stderr)
     wall = time.perf_counter() - started
     import re
 
@@ -277,65 +286,64 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("bench/train_gpu.py needs a CUDA GPU", file=sys.stderr)
         return 2
-    lines, results, embeds, ranked, feed = [], [], [], [], {}
+    lines: list[str] = []
+    summary = Path(args.summary) if args.summary else None
+
+    def say(line: str) -> None:
+        # Each figure is printed and kept as soon as it is measured: a lent machine's time can run out mid-way.
+        lines.append(line)
+        print(f"- {line}", flush=True)
+        if summary is not None:
+            summary.write_text("\n".join(f"- {x}" for x in lines) + "\n")
+
+    model = model_only(args.steps)
+    limit, embed_limit = model["train_pairs_per_s"], model["embed_pairs_per_s"]
+    say(f"GPU: {model['gpu']}, torch {model['torch']}, bf16 autocast, batch {BATCH}, ViT-S/16 RGB 240x320 + "
+        f"ViT-S/8 IR 120x160 (300 tokens a branch), expanders {EXPANDER}, LARS")
+    say(f"model-only (random tensors on the GPU): train {limit:.0f} pairs/s; embed without gradients "
+        f"{embed_limit:.0f} pairs/s; peak {model['peak_gib']:.1f} GiB")
     if not args.only_embed:
-        dataset, lines = build_dataset(OUT / f"train-gpu-{args.frames}", args.frames, args.workers)
+        dataset, built = build_dataset(OUT / f"train-gpu-{args.frames}", args.frames, args.workers)
+        for line in built:
+            say(line)
         agreement = decode_agreement(dataset)
-        lines.append(f"data.decode = gpu (nvJPEG + roi_align) vs cpu (Pillow draft + resize) crops of one batch: mean "
-                     f"|difference| {agreement:.4f} of full scale (target < 0.03)")
-        results = [end_to_end(dataset, "cpu", args.workers, args.steps, OUT / "train-gpu-run-cpu"),
-                   end_to_end(dataset, "gpu", args.gpu_workers, args.steps, OUT / "train-gpu-run-gpu")]
+        say(f"data.decode = gpu (nvJPEG + roi_align) vs cpu (Pillow draft + resize) crops of one batch: mean "
+            f"|difference| {agreement:.4f} of full scale (target < 0.03)")
+        for decode, workers, name in (("cpu", args.workers, "cpu"), ("gpu", args.gpu_workers, "gpu")):
+            r = end_to_end(dataset, decode, workers, args.steps, OUT / f"train-gpu-run-{name}")
+            say(f"end-to-end from the shards, data.decode = {r['decode']} ({r['workers']} workers): {r['pairs_per_s']:.0f} "
+                f"pairs/s (median over steps; mean {r['mean_pairs_per_s']:.0f}) = {r['pairs_per_s'] / limit:.2f} of the "
+                f"model-only rate (target >= 0.9); data wait {100 * r['data_wait']:.1f}% of step time; loss "
+                f"{r['loss_first']:.2f} -> {r['loss_last']:.2f} over {r['steps']} steps")
     if args.embed_frames:
-        embed_dataset, embed_lines = build_dataset(OUT / f"embed-gpu-{args.embed_frames}-{args.embed_scale:g}",
-                                                   args.embed_frames, args.workers, scale=args.embed_scale)
-        lines += embed_lines
+        embed_dataset, built = build_dataset(OUT / f"embed-gpu-{args.embed_frames}-{args.embed_scale:g}",
+                                             args.embed_frames, args.workers, scale=args.embed_scale)
+        for line in built:
+            say(line)
         if args.only_embed:
             run_dir, checkpoint = embed_run_dir(OUT, embed_dataset), "random"
         else:
             run_dir, checkpoint = OUT / "train-gpu-run-gpu", "last"
-        embeds = [analysis_embed(run_dir, embed_dataset, "gpu", args.embed_workers, checkpoint),
-                  analysis_embed(run_dir, embed_dataset, "gpu", args.embed_workers, checkpoint),
-                  analysis_embed(run_dir, embed_dataset, "cpu", args.workers, checkpoint)]
-        for ranks in args.embed_ranks:
-            ranked.append(analysis_embed_ranks(run_dir, embed_dataset, ranks, max(args.embed_workers // ranks, 1), checkpoint))
         feed = feed_only(run_dir, embed_dataset, args.embed_workers, checkpoint)
-    model = model_only(args.steps)
-    limit = model["train_pairs_per_s"]
-    lines.insert(0, f"GPU: {model['gpu']}, torch {model['torch']}, bf16 autocast, batch {BATCH}, ViT-S/16 RGB 240x320 + "
-                    f"ViT-S/8 IR 120x160 (300 tokens a branch), expanders {EXPANDER}, LARS")
-    lines.append(f"model-only (random tensors on the GPU): train {limit:.0f} pairs/s; embed without gradients "
-                 f"{model['embed_pairs_per_s']:.0f} pairs/s; peak {model['peak_gib']:.1f} GiB")
-    for r in results:
-        lines.append(
-            f"end-to-end from the shards, data.decode = {r['decode']} ({r['workers']} workers): {r['pairs_per_s']:.0f} "
-            f"pairs/s (median over steps; mean {r['mean_pairs_per_s']:.0f}) = {r['pairs_per_s'] / limit:.2f} of the "
-            f"model-only rate (target >= 0.9); data wait {100 * r['data_wait']:.1f}% of step time; loss "
-            f"{r['loss_first']:.2f} -> {r['loss_last']:.2f} over {r['steps']} steps"
-        )
-    for e in embeds:
-        steady = e["steady"] or float("nan")
-        lines.append(
-            f"`analysis embed` (ViT-S pair + expanders, bf16, batch {BATCH}), embed.decode = {e['decode']} "
-            f"({e['workers']} workers), {e['rows']} samples: {steady:.0f} pairs/s after the first batch "
-            f"({e['rows'] / e['seconds']:.0f} with worker start-up) = **{steady / model['embed_pairs_per_s']:.2f} of the "
-            f"model-only embed rate** (target >= 0.8)"
-        )
-    for e in ranked:
-        if "error" in e:
-            lines.append(f"`mpiexec analysis embed` on one GPU FAILED: {e['error']}")
-            continue
-        lines.append(
-            f"`mpiexec -n {e['ranks']} analysis embed` on the one GPU, embed.decode = gpu ({e['workers']} workers a rank), "
-            f"{e['rows']} samples: {e['steady']:.0f} pairs/s after each rank's first batch ({e['rate']:.0f} with start-up; "
-            f"command {e['wall']:.1f} s) = **{e['steady'] / model['embed_pairs_per_s']:.2f} of the model-only embed rate**"
-        )
-    if feed:
-        lines.append("the embed's input alone, no model: " + "; ".join(
-            f"{what} {rate:.0f} pairs/s ({rate / model['embed_pairs_per_s']:.2f} x the model-only embed rate)"
-            for what, rate in feed.items()))
+        say("the embed's input alone, no model: " + "; ".join(
+            f"{what} {rate:.0f} pairs/s ({rate / embed_limit:.2f} x the model-only embed rate)" for what, rate in feed.items()))
+        for decode, workers in (("gpu", args.embed_workers), ("gpu", args.embed_workers), ("cpu", args.workers)):
+            e = analysis_embed(run_dir, embed_dataset, decode, workers, checkpoint)
+            steady = e["steady"] or float("nan")
+            say(f"`analysis embed` (ViT-S pair + expanders, bf16, batch {BATCH}), embed.decode = {e['decode']} "
+                f"({e['workers']} workers), {e['rows']} samples: {steady:.0f} pairs/s after the first batch "
+                f"({e['rows'] / e['seconds']:.0f} with worker start-up) = **{steady / embed_limit:.2f} of the "
+                f"model-only embed rate** (target >= 0.8)")
+        for ranks in args.embed_ranks:
+            e = analysis_embed_ranks(run_dir, embed_dataset, ranks, max(args.embed_workers // ranks, 1), checkpoint)
+            if "error" in e:
+                say(f"`mpiexec -n {ranks} analysis embed` on one GPU FAILED: {e['error']}")
+                continue
+            say(f"`mpiexec -n {e['ranks']} analysis embed` on the one GPU, embed.decode = gpu ({e['workers']} workers a "
+                f"rank), {e['rows']} samples: {e['steady']:.0f} pairs/s after each rank's first batch ({e['rate']:.0f} "
+                f"with start-up; command {e['wall']:.1f} s) = **{e['steady'] / embed_limit:.2f} of the model-only embed "
+                f"rate**")
     record("bench/train_gpu.py", lines)
-    if args.summary:
-        Path(args.summary).write_text("\n".join(f"- {line}" for line in lines) + "\n")
     return 0
 
 
