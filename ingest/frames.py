@@ -74,14 +74,14 @@ def metadata_file_kind(path: str) -> str | None:
     return "unrecognised"
 
 
-def _positions(task_files: list[tuple[RawFile, str, str | None, str]], uploads: dict[tuple[str, int, str], UploadRecord]):
-    """Every statement of the frame's position: (source, label) pairs from names and metadata."""
+def _positions(task_files: list[tuple[RawFile, str, str | None, str]], uploads: dict[tuple[str, int, str], UploadRecord],
+               vsn: str, ts_ns: int):
+    """Every statement of the frame's position (VSN ``vsn``, ``ts_ns``): (source, label) pairs from names and metadata."""
     statements = []
-    for raw, filename, label, _ in task_files:
+    for _, filename, label, _ in task_files:
         if label is not None:
             statements.append((f"name {filename}", label))
-        parsed = parse_raw_path(raw.path)
-        record = uploads.get((parsed.vsn, parsed.ts_ns, filename)) if parsed else None
+        record = uploads.get((vsn, ts_ns, filename))
         if record is not None and record.position_label is not None:
             statements.append((f"metadata of {filename}", record.position_label))
     return statements
@@ -147,7 +147,7 @@ def plan_frames(
             missing = "celsius CSV" if rgb else "optical JPEG"
             reject("unpaired", f"no {missing} with the same VSN and timestamp")
             continue
-        statements = _positions(rgb + thermal, uploads)
+        statements = _positions(rgb + thermal, uploads, vsn, ts_ns)
         values = {}
         for source, label in statements:
             try:

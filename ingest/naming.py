@@ -5,6 +5,7 @@ Canonical layout: ``RAW/<VSN>/<ts_ns>-<filename>``; ``RAW/metadata/`` holds sage
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -69,6 +70,7 @@ class RawName:
     name_size: tuple[int, int] | None  # (width, height) as written in an RGB name; never trusted for pixels
 
 
+@functools.lru_cache(maxsize=65536)  # a node uploads the same few dozen names (per position and kind) every scan
 def classify_name(filename: str) -> RawName:
     """Role of a raw file from its uploaded name (``meta.filename``, without the ts prefix)."""
     if filename.endswith(".part"):
@@ -104,9 +106,19 @@ class RawPath:
 def parse_raw_path(relpath: str) -> RawPath | None:
     """``<VSN>/<ts_ns>-<filename>`` relative to RAW, or None when the path is outside that layout."""
     parts = relpath.split("/")  # scan_raw's paths are normalised; pathlib would cost 3x this whole function
-    if len(parts) != 2 or parts[0] == "metadata" or not _VSN_RE.match(parts[0]):
+    if len(parts) != 2 or parts[0] == "metadata" or not _is_vsn(parts[0]):
         return None
-    match = _RAW_NAME_RE.match(parts[1])
-    if not match:
+    name = parts[1]
+    if "\n" in name:  # the regex's own rules for line ends
+        match = _RAW_NAME_RE.match(name)
+        return RawPath(parts[0], int(match.group("ts")), match.group("filename")) if match else None
+    # str.partition instead of that regex: this runs for every raw file, millions in a year of uploads.
+    ts, dash, filename = name.partition("-")
+    if not dash or not filename or not 15 <= len(ts) <= 20 or not ts.isdecimal():
         return None
-    return RawPath(parts[0], int(match.group("ts")), match.group("filename"))
+    return RawPath(parts[0], int(ts), filename)
+
+
+@functools.lru_cache(maxsize=4096)  # a RAW has a few VSN directories and millions of files in them
+def _is_vsn(name: str) -> bool:
+    return _VSN_RE.match(name) is not None
