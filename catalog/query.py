@@ -70,6 +70,18 @@ class Catalog:
         self.con.register(f"_empty_{name}", schema.empty_table())
         return f"SELECT * FROM _empty_{name}"
 
+    def _samples_union(self, parts: list[Path]) -> str:
+        """Every part's samples, in today's columns: parts written before 2026-11-28 say ``draft_factor`` (the JPEG
+        was decoded at 1/draft_factor) where newer ones say ``decode_scale``."""
+        union = f"SELECT * FROM read_parquet({_path_list(parts)}, union_by_name = true)"
+        columns = {row[0] for row in self.con.execute(f"DESCRIBE {union}").fetchall()}
+        if "draft_factor" not in columns:
+            return union
+        older = "CAST(1.0 / draft_factor AS FLOAT)"
+        if "decode_scale" in columns:
+            return f"SELECT * EXCLUDE (draft_factor) REPLACE (coalesce(decode_scale, {older}) AS decode_scale) FROM ({union})"
+        return f"SELECT * EXCLUDE (draft_factor), {older} AS decode_scale FROM ({union})"
+
     def _create_views(self) -> None:
         snapshot = self.layout.latest_snapshot()
         uncovered = self.layout.uncovered_runs(snapshot)
@@ -77,14 +89,7 @@ class Catalog:
         base = [snapshot.path] if snapshot else []
 
         samples = [d / "samples.parquet" for d in base + uncovered if (d / "samples.parquet").exists()]
-        self.con.execute(
-            "CREATE VIEW samples AS "
-            + (
-                f"SELECT * FROM read_parquet({_path_list(samples)}, union_by_name = true)"
-                if samples
-                else self._empty("samples", SAMPLES)
-            )
-        )
+        self.con.execute("CREATE VIEW samples AS " + (self._samples_union(samples) if samples else self._empty("samples", SAMPLES)))
 
         files = [d / "files.parquet" for d in base + uncovered if (d / "files.parquet").exists()]
         if not files:

@@ -177,3 +177,30 @@ def test_build_with_changed_nodes_recomputes_existing_samples(built_copy, synth_
         zones = cat.query("SELECT DISTINCT tz FROM samples WHERE vsn = 'W057'").column("tz").to_pylist()
         stored = cat.query("SELECT count(*) AS n FROM nodes WHERE lat < 0").to_pylist()[0]["n"]
     assert zones == ["Australia/Sydney"] and stored == 1
+
+
+def test_parts_from_before_decode_scale_read_as_decode_scale(built_copy):
+    """Catalog parts written before 2026-11-28 have draft_factor (decoded at 1/n); the view gives decode_scale."""
+    import shutil
+
+    import pyarrow as pa
+
+    runs = sorted((built_copy / "catalog" / "runs").iterdir())
+    new_part = runs[-1] / "samples.parquet"
+    table = pq.read_table(new_part)
+    (scale,) = set(table.column("decode_scale").to_pylist())  # the test's small frames decode at full size
+    assert scale == 1.0
+    older = table.drop(["decode_scale"]).append_column("draft_factor", pa.array([2] * table.num_rows, pa.int8()))
+    with catalog.open(built_copy) as cat:
+        before = cat.query("SELECT count(*) AS n FROM samples").to_pylist()[0]["n"]
+    pq.write_table(older, new_part)
+    with catalog.open(built_copy) as cat:
+        rows = cat.query("SELECT * FROM samples").to_pylist()
+    assert len(rows) == before and "draft_factor" not in rows[0] and {r["decode_scale"] for r in rows} == {0.5}
+    # One older part and one newer: each row keeps its own scale.
+    second = runs[-1].with_name(f"run-{int(runs[-1].name.split('-')[1]) + 1:06d}")
+    shutil.copytree(runs[-1], second)
+    pq.write_table(table, second / "samples.parquet")
+    with catalog.open(built_copy) as cat:
+        counts = {r["decode_scale"]: r["n"] for r in cat.query("SELECT decode_scale, count(*) AS n FROM samples GROUP BY 1").to_pylist()}
+    assert counts == {0.5: before, scale: before}
