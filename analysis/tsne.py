@@ -1,17 +1,29 @@
 """`analysis tsne`: 2-D openTSNE maps of the PCA features, coloured by catalog metadata, and a map that links each
 sample's RGB and IR expander outputs.
 
-openTSNE (FFT gradients, 250 early-exaggeration + 500 iterations, PCA initialisation: its defaults) runs on
-``pca.zarr``'s ``<space>/features``, for ``joint``, ``rgb`` and ``ir``: every row up to ``tsne.max_points``, else one
-seeded random sample of that many rows (the same rows for every space, so the maps are comparable). The k nearest
-neighbours (k = 3 x perplexity, openTSNE's own rule) are exact, over every pair
-(:func:`analysis.neighbours.topk_neighbours`), and handed to openTSNE as ``PrecomputedNeighbors``. Measured on the
-2-core machine, bench/analysis.py's 100k x 50 (300 blobs + 3% background), k = 90, n_jobs 2: the whole map 186 s =
-kNN 22.6 + affinities 3.5 + 750 iterations 158.4 (the iterations alone took 135-159 s over the day's runs, late ones
-~0.29 s each, 40% of it numpy's single-threaded FFT; the kNN 16-23 s, 48-50 s before the in-place block products
-and :func:`analysis.neighbours.top_k`; openTSNE's Annoy: 43 s
-in the anchors note, whose whole map took 160 s). Cluster pruning read 32% of the pairs on those blobs and was
-slower than every pair, so it is not tried here (see :func:`_neighbours`).
+openTSNE (FFT gradients, PCA initialisation, 500 normal iterations: its defaults; early exaggeration 125 iterations
+from 10k points up, openTSNE's 250 below, see ``FFT_EARLY_ITER``) runs on ``pca.zarr``'s ``<space>/features``, for
+``joint``, ``rgb`` and ``ir``: every row up to ``tsne.max_points``, else one seeded random sample of that many rows (the
+same rows for every space, so the maps are comparable). The k nearest neighbours (k = 3 x perplexity, openTSNE's own
+rule) are exact, over every pair (:func:`analysis.neighbours.topk_neighbours`), and handed to openTSNE as
+``PrecomputedNeighbors``. Cluster pruning read 32% of the pairs on the bench's blobs and was slower than every pair,
+so it is not tried here (see :func:`_neighbours`); openTSNE's Annoy took 43 s.
+
+Measured on the 2-core machine, bench/analysis.py's 100k x 50 (300 blobs + 3% background), k = 90, n_jobs 2, quiet
+machine: the whole map 166 s = kNN 24.1 (torch's import included; 15-18 s for the search itself) + affinities 3.4 +
+125 + 500 iterations 136.8; KL 2.2775, a point's nearest map point from its own blob 96.8%. With openTSNE's 250
+early iterations the iterations took 155.7 s (234.8 CPU-s, against 135.2 s / 196.8 CPU-s for 125, same run pair)
+for the same KL (2.2773) and figure (96.8%); the whole map was 183-186 s. So the 150 s target is missed by ~16 s.
+Where an iteration goes: a late one (map span ~177) costs 0.29-0.35 s, of which the repulsive FFT term is 0.20-0.29 s
+on ONE thread whatever n_jobs (openTSNE runs its interpolation and FFT serially; the PyPI wheel uses numpy's
+single-threaded pocketfft, FFTW only when built from source against it, and openTSNE never turns on FFTW's threads)
+and the attractive term over P's 126 entries a row 80-90 ms on two threads (126-173 ms on one). Tried and not kept:
+``ints_in_interval`` 2 (the FFT term 3.4x cheaper on the late grid, but KL 2.407 after the 500 iterations and worse
+KL at equal CPU-seconds all along; openTSNE's maintainers found coarser grids slow convergence too), stopping the
+normal phase early (the nearest-point figure is flat from ~150 normal iterations on, but KL is still falling 1% per
+50 iterations at 500: 2.303 at 450, 2.359 at 350, so that would be a less converged map, not a free saving), and
+embedding a 25k sample then ``transform``-ing the rest (142 s without the kNN, 95.7%: the FFT cost follows the map's
+span, not n).
 
 Writes into the checkpoint's results directory:
 
@@ -40,6 +52,13 @@ TSNE_SPACES = ("joint", "rgb", "ir")  # the order maps are made in
 PANEL_COLUMNS = ("is_sky", "is_day", "vsn", "position", "split", "month", "cloud_class", "hour_local")
 EARLY_EXAGGERATION_ITER = 250  # openTSNE's defaults
 N_ITER = 500
+# From FFT_EARLY_ITER_FROM points up, early exaggeration stops after FFT_EARLY_ITER iterations instead of 250: on the
+# bench's 100k blobs the KL divergence after the 500 normal iterations was the same (2.2775 against 2.2773 after 250;
+# 2.2806 after 75) and so was the map's nearest-point figure (96.8%), while an early iteration costs ~0.15 s there
+# (mostly the attractive, sparse-P term; the map is small, so is the FFT grid): 125 fewer saved 20 s. The automatic
+# learning rate N / 12 is what lets the early phase be this short (Belkina et al. 2019, Nature Communications;
+# openTSNE uses it).
+FFT_EARLY_ITER, FFT_EARLY_ITER_FROM = 125, 10_000
 MAX_LEGEND = 20  # categories named in a legend; the rest are drawn but summarised as "+N more"
 # Below this many points openTSNE runs on one thread whatever n_jobs says: an iteration is then a few ms of work, and
 # two threads that must meet at every iteration's barrier were measured 2-50x slower on a loaded 2-core machine
@@ -91,19 +110,20 @@ def _embed(features: np.ndarray, perplexity: float, n_jobs: int, seed: int, prog
         raise ValueError(f"perplexity must be > 0, got {perplexity}")
     if n < 4:  # nothing to lay out: a line, so a caller never special-cases a tiny selection
         return np.column_stack([np.arange(n, dtype=np.float32), np.zeros(n, np.float32)]), {
-            "perplexity": None, "k": 0, "knn_seconds": 0.0, "affinity_seconds": 0.0, "optimise_seconds": 0.0,
-            "kl_divergence": None}
+            "perplexity": None, "k": 0, "early_exaggeration_iter": 0, "n_iter": 0, "knn_seconds": 0.0,
+            "affinity_seconds": 0.0, "optimise_seconds": 0.0, "kl_divergence": None}
     # openTSNE's rule, k = 3 x perplexity, clipped so that a small n keeps k < n and perplexity <= k / 3.
     k = max(min(n - 1, int(3 * perplexity)), 1)
     perplexity = min(float(perplexity), k / 3)
     if n < SERIAL_BELOW:
         n_jobs = 1
     jobs = _openmp_jobs(n_jobs)
+    early_iter = FFT_EARLY_ITER if n >= FFT_EARLY_ITER_FROM else EARLY_EXAGGERATION_ITER
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=EARLY_EXAGGERATION_ITER + N_ITER, desc=progress, unit="it", dynamic_ncols=True)
+        bar = tqdm(total=early_iter + N_ITER, desc=progress, unit="it", dynamic_ncols=True)
         bar.set_postfix_str(f"{k}-NN of {n}")
     try:
         t0 = time.perf_counter()
@@ -129,7 +149,7 @@ def _embed(features: np.ndarray, perplexity: float, n_jobs: int, seed: int, prog
                 return False
 
             callbacks = [tick]
-        tsne = TSNE(n_components=2, perplexity=perplexity, early_exaggeration_iter=EARLY_EXAGGERATION_ITER,
+        tsne = TSNE(n_components=2, perplexity=perplexity, early_exaggeration_iter=early_iter,
                     n_iter=N_ITER, initialization="pca", n_jobs=jobs, random_state=seed, callbacks=callbacks,
                     callbacks_every_iters=every, verbose=False)
         embedding = tsne.fit(x, affinities=affinities)
@@ -137,7 +157,8 @@ def _embed(features: np.ndarray, perplexity: float, n_jobs: int, seed: int, prog
     finally:
         if bar is not None:
             bar.close()
-    details = {"perplexity": perplexity, "k": k, "knn": knn, **knn_details, "knn_seconds": round(t1 - t0, 2),
+    details = {"perplexity": perplexity, "k": k, "knn": knn, **knn_details, "early_exaggeration_iter": early_iter,
+               "n_iter": N_ITER, "knn_seconds": round(t1 - t0, 2),
                "affinity_seconds": round(t2 - t1, 2), "optimise_seconds": round(t3 - t2, 2),
                "kl_divergence": float(embedding.kl_divergence) if embedding.kl_divergence is not None else None}
     return np.asarray(embedding, dtype=np.float32), details
@@ -147,9 +168,9 @@ def tsne_embed(features: np.ndarray, perplexity: float = 30.0, n_jobs: int = 0, 
                progress: str | None = None) -> np.ndarray:
     """openTSNE map of ``features`` (n x d), n x 2 float32.
 
-    openTSNE's defaults (FFT or Barnes-Hut by size, 250 + 500 iterations, PCA initialisation) on exact
-    k = 3 x perplexity neighbours; the perplexity is lowered to (n - 1) / 3 for small n. ``n_jobs`` 0: every core.
-    ``progress``: a tqdm bar with this description.
+    openTSNE's defaults (FFT or Barnes-Hut by size, 250 + 500 iterations, PCA initialisation; 125 early iterations
+    from ``FFT_EARLY_ITER_FROM`` points up) on exact k = 3 x perplexity neighbours; the perplexity is lowered to
+    (n - 1) / 3 for small n. ``n_jobs`` 0: every core. ``progress``: a tqdm bar with this description.
     """
     return _embed(features, perplexity, n_jobs, seed, progress)[0]
 

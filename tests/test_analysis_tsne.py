@@ -77,6 +77,20 @@ def test_small_inputs_clip_the_perplexity(n):
         assert np.ptp(xy, axis=0).min() > 0
 
 
+def test_large_maps_run_the_shorter_early_exaggeration(monkeypatch):
+    x, labels = blobs(60, 10, 20, seed=3)
+    _, small = tsne_module._embed(x, 10, 1, 0)
+    assert small["early_exaggeration_iter"] == tsne_module.EARLY_EXAGGERATION_ITER == 250
+    assert small["n_iter"] == tsne_module.N_ITER == 500
+    # The same rule at a threshold this test can reach: openTSNE gets the shorter early phase, and the blobs still
+    # come apart.
+    monkeypatch.setattr(tsne_module, "FFT_EARLY_ITER_FROM", len(x))
+    xy, large = tsne_module._embed(x, 10, 1, 0)
+    assert large["early_exaggeration_iter"] == tsne_module.FFT_EARLY_ITER < 250
+    assert knn_accuracy(xy, labels) > 0.9
+    assert large["kl_divergence"] is not None and np.isfinite(large["kl_divergence"])
+
+
 def test_link_distances_of_pairs_and_non_pairs():
     first = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
     second = first + [[1.0, 0.0]]
