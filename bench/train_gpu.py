@@ -246,6 +246,19 @@ def feed_only(run_dir: Path, dataset: Path, workers: int, checkpoint: str) -> di
         if prefetch is not None:
             prefetch.close()
         rates[what] = (count - warm[1]) / (ended - warm[0])
+    # One batch's device side alone, again and again on the default stream: what it costs the GPU (nvJPEG decode,
+    # roi_align crops, normalisation). Embedding pays model + this per batch where the two cannot overlap.
+    loader = make_loader(RowBatches(SelectionReader(selection, dataset), batches[:1], data, m.mode, data.ir_mean), 0, 2,
+                         pin_memory=False)
+    batch = next(iter(loader))
+    views = BatchViews(data, m.mode, m.rgb_patch, m.ir_patch, data.ir_mean, data.ir_std, device)
+    views(batch)
+    _synchronize(device)
+    started, repeats = time.perf_counter(), 10
+    for _ in range(repeats):
+        views(batch)
+    _synchronize(device)
+    rates["one batch's device side, repeated"] = repeats * len(batch["keys"]) / (time.perf_counter() - started)
     return rates
 
 
@@ -327,6 +340,10 @@ def main(argv: list[str] | None = None) -> int:
         feed = feed_only(run_dir, embed_dataset, args.embed_workers, checkpoint)
         say("the embed's input alone, no model: " + "; ".join(
             f"{what} {rate:.0f} pairs/s ({rate / embed_limit:.2f} x the model-only embed rate)" for what, rate in feed.items()))
+        device_side = feed["one batch's device side, repeated"]
+        serial = 1 / (1 / embed_limit + 1 / device_side)
+        say(f"model and device side one after the other on the GPU (no overlap): {serial:.0f} pairs/s = "
+            f"{serial / embed_limit:.2f} of the model-only embed rate: what embed gets if the GPU, not the host, is full")
         for decode, workers in (("gpu", args.embed_workers), ("gpu", args.embed_workers), ("cpu", args.workers)):
             e = analysis_embed(run_dir, embed_dataset, decode, workers, checkpoint)
             steady = e["steady"] or float("nan")
