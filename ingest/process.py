@@ -18,7 +18,7 @@ import numpy as np
 
 from ingest.config import IngestConfig
 from ingest.frames import FrameTask
-from ingest.optical import CorruptJPEGError, crop_optical, encode_jpeg, mean_brightness
+from ingest.optical import CorruptJPEGError, crop_optical, encode_jpeg, mean_brightness, reuse_image_memory
 from ingest.thermal import ThermalCSVError, check_celsius_values, parse_celsius_csv
 from shards.layout import IR_MEMBER, JSON_MEMBER, RGB_MEMBER
 from shards.writer import MemberLocation, sample_bytes
@@ -139,6 +139,7 @@ def process_frame(task: FrameTask, raw_dir: str, config: IngestConfig) -> FrameR
 def process_piece(piece: Piece, raw_dir: str, config: IngestConfig) -> list[FrameResult]:
     """Every frame of the piece, in order; kept samples' bytes go to the segment file (not fsynced: a shard is
     assembled from it and fsynced before anything trusts those bytes)."""
+    reuse_image_memory()
     results = []
     position = 0
     with open(piece.segment, "wb") as segment:
