@@ -35,8 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._common import OUT, record  # noqa: E402
 from ingest.build import build_shards  # noqa: E402
 from ingest.config import IngestConfig  # noqa: E402
-from ingest.optical import crop_optical, crop_optical_pillow, encode_jpeg, reuse_image_memory  # noqa: E402
-from ingest.process import encode_npy  # noqa: E402
+from ingest.optical import crop_optical, crop_optical_pillow, encode_jpeg  # noqa: E402
+from ingest.process import encode_npy, keep_freed_memory  # noqa: E402
 from ingest.synth import SynthConfig, synthesize  # noqa: E402
 from ingest.thermal import parse_celsius_csv  # noqa: E402
 
@@ -55,9 +55,8 @@ def _ingest_crop(data: bytes, cfg: IngestConfig, size: tuple[int, int]):
     return crop_optical(data, cfg.crop, size, cfg.resample).image
 
 
-# Every decode that covers the output, and whether the process keeps Pillow's freed image memory (as ingest's
-# workers do: ingest.optical.reuse_image_memory) or not (Pillow's default, which suits its own decode best: its
-# 12 MB decoded frame then comes back from malloc's heap, while the block cache would hand out fresh pages).
+# Every decode that covers the output, and whether the process keeps the memory it frees (as ingest's workers do:
+# ingest.process.keep_freed_memory) or runs with the defaults, as ingest did when it decoded with Pillow.
 DECODERS = {
     "simplejpeg 3/8 (ingest)": (_ingest_crop, True),
     "simplejpeg 4/8": (lambda data, cfg, size: crop_optical(data, cfg.crop, size, cfg.resample, eighths=4).image, True),
@@ -71,7 +70,7 @@ def irreducible_seconds(raw: Path, config: IngestConfig, crop=None, frames: int 
     set up as ingest's workers are)."""
     if crop is None:
         crop = _ingest_crop
-        reuse_image_memory()
+        keep_freed_memory()
     jpegs = sorted(raw.glob("*/*-6144x2048*.jpg"))[:frames]
     parts: dict[str, list[float]] = {"csv": [], "decode+crop+resize": [], "encode": []}
     for jpeg in jpegs:
@@ -122,9 +121,9 @@ def _median(values: list[float]) -> float:
 
 def _floor(job: tuple[str, str, int]) -> tuple[float, dict[str, float]]:
     raw, name, frames = job
-    crop, reuse = DECODERS[name]
-    if reuse:
-        reuse_image_memory()
+    crop, keep = DECODERS[name]
+    if keep:
+        keep_freed_memory()
     return irreducible_seconds(Path(raw), IngestConfig(), crop, frames)
 
 

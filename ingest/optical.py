@@ -29,7 +29,6 @@ __all__ = [
     "decode_eighths",
     "crop_optical",
     "crop_optical_pillow",
-    "reuse_image_memory",
     "encode_jpeg",
     "mean_brightness",
 ]
@@ -41,20 +40,9 @@ _SUPPORT = {"bilinear": 1.0, "bicubic": 2.0, "lanczos": 3.0}  # Pillow's filter 
 _buffers = threading.local()
 
 
-def reuse_image_memory(blocks: int = 8) -> None:
-    """Let Pillow keep up to ``blocks`` freed image blocks for reuse in this process (its ``PILLOW_BLOCKS_MAX``,
-    0 by default). A worker makes images of the same few sizes frame after frame (the crop, the resize's passes);
-    without the cache each is fresh memory from the kernel, ~1,000 page faults a frame, ~10% of its CPU time on one
-    core (measured on 24 full-size frames: 109 against 1,133 faults, 51-52 against 59-63 ms a frame)."""
-    from PIL import Image
-
-    if Image.core.get_blocks_max() < blocks:
-        Image.core.set_blocks_max(blocks)
-
-
 def _decode_buffer(size: int) -> np.ndarray:
-    """This thread's decode output, reused: a fresh 5 MB array a frame cost ~2,000 page faults (~15% of the frame's
-    CPU time on one core, and more with every core faulting at once); Pillow's own decode reuses its memory."""
+    """This thread's decode output, reused: a fresh 5 MB array is ~1,300 page faults a frame, and with every core
+    faulting at once they cost more (see ingest.process.keep_freed_memory for the rest of a worker's memory)."""
     buffer = getattr(_buffers, "array", None)
     if buffer is None or buffer.size < size:
         buffer = _buffers.array = np.empty(size, np.uint8)
