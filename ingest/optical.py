@@ -1,10 +1,12 @@
-"""The optical half of a Mobotix frame: crop it to the thermal field of view and resize it (pure functions).
+"""The optical half of a Mobotix frame: crop it to the thermal field of view and resize it (pure functions; only a
+reused decode buffer is kept between calls).
 
 The 6144x2048 JPEG holds the optical image in its left half and a false-colour thermal render in its right
 half. Decoding all 12.6 MP is the main cost of ingest, so libjpeg-turbo's DCT scaling (through simplejpeg)
 decodes at the smallest M/8 of full size that still leaves at least the output resolution inside the crop box:
 3/8 for the default 1942x1593 box and 672x504 output, where Pillow's ``draft`` offers only 1/2, 1/4 and 1/8.
-bench/ingest.py measured the one-core floor 1-6% lower with 3/8 than with Pillow's 1/2 on both CPUs tried. A
+bench/ingest.py measured the one-core floor 1-6% lower with 3/8 than with Pillow's 1/2 on a lent Xeon (4 draws of
+4); on the 2-core EPYC the two were within its noise and a build with 3/8 was 6% faster (A/B, 2026-11-28). A
 JPEG that libjpeg-turbo will not decode strictly (a recoverable warning, a CMYK scan) is decoded by Pillow instead,
 so what is accepted and rejected does not depend on the decoder. Sizes come from the JPEG itself, never from the
 file name.
