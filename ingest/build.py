@@ -218,10 +218,12 @@ class _Ranks:
                 self.rank, self.size, self.local_size = self.comm.Get_rank(), self.comm.Get_size(), local.Get_size()
                 local.Free()
 
-    def announce(self, plan: _SharePlan | None) -> None:
-        """Rank 0: send the plan (None: nothing for the other ranks to do); the others wait for it in follow()."""
+    def announce(self, plans: list[_SharePlan] | None) -> None:
+        """Rank 0: send each rank its own plan (None: nothing for the other ranks to do); they wait in _follow().
+        A scatter, not a broadcast: at a million frames the shares pickle to ~200 MB, and each rank needs only its
+        own."""
         if self.comm is not None and not self.announced:
-            self.comm.bcast(plan, root=0)
+            self.comm.scatter(plans if plans is not None else [None] * self.size, root=0)
         self.announced = True
 
     def gather(self, value):
@@ -230,10 +232,12 @@ class _Ranks:
 
 @dataclass(frozen=True)
 class _SharePlan:
+    """What one rank writes."""
+
     run_id: str
     raw: str
     work_dir: str
-    shares: list[list[FrameTask]]
+    share: list[FrameTask]
     config: IngestConfig
 
 
@@ -279,9 +283,9 @@ def _write_own_share(
 
 def _follow(ranks: _Ranks, progress: bool) -> None:
     """Ranks other than 0: write the share rank 0 planned for this rank, if it planned any."""
-    plan: _SharePlan | None = ranks.comm.bcast(None, root=0)
+    plan: _SharePlan | None = ranks.comm.scatter(None, root=0)
     if plan is not None:
-        _write_own_share(ranks, plan.shares[ranks.rank], Path(plan.raw), plan.config, Path(plan.work_dir), progress)
+        _write_own_share(ranks, plan.share, Path(plan.raw), plan.config, Path(plan.work_dir), progress)
 
 
 def build_shards(
@@ -362,11 +366,11 @@ def _lead(
         # nodes.csv's node id for the period wins over the upload metadata's (it is the one users correct).
         period = node_periods([t.vsn for t in tasks], [t.ts_ns for t in tasks], nodes)
         node_ids = nodes.column("node_id").to_pylist() + [None]
-        tasks = [replace(t, node_id=node_ids[p] or t.node_id) for t, p in zip(tasks, period)]
+        tasks = [t if node_ids[p] in (None, t.node_id) else replace(t, node_id=node_ids[p]) for t, p in zip(tasks, period)]
 
         work_dir = layout.shards_dir / f"{run_id}.tmp"
         shares = split_by_bytes(tasks, ranks.size)
-        ranks.announce(_SharePlan(run_id, str(raw), str(work_dir), shares, config))
+        ranks.announce([_SharePlan(run_id, str(raw), str(work_dir), share, config) for share in shares])
         t_decode = time.perf_counter()
         summary.plan_seconds = t_decode - t_start
         try:
