@@ -162,3 +162,15 @@ def test_real_mobotix_jpeg_crops():
     data = (fixtures_dir() / "plugin-mobotix-sampler_ecr-icon_M16TB-R.jpg").read_bytes()
     result = crop_optical(data, KONZA_CROP, (64, 48))
     assert result.source_size == (350, 305) and result.image.size == (64, 48)
+
+
+def test_workers_keep_the_memory_they_free():
+    """A fresh process: Pillow's default frees image blocks at once; a worker keeps 8 for reuse."""
+    import subprocess
+    import sys
+
+    code = ("from PIL import Image; from ingest.process import keep_freed_memory; "
+            "before = Image.core.get_blocks_max(); keep_freed_memory(); keep_freed_memory(); "
+            "print(before, Image.core.get_blocks_max())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["0", "8"]
