@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
 import subprocess
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -44,6 +46,11 @@ def code_version() -> str:
     if not sha:  # a copy of the tree without .git (a lent GPU machine): the caller may say which commit it is
         return os.environ.get("SAGEPAIRS_COMMIT", "unknown")
     return sha + (" + uncommitted changes" if dirty else "")
+
+
+def find_mpiexec() -> str | None:
+    """The mpiexec beside this Python (the venv's, from the mpich wheel) first, else the one on PATH."""
+    return shutil.which("mpiexec", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
 
 
 def record(bench: str, lines: list[str]) -> None:

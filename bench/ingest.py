@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._common import OUT, record  # noqa: E402
+from bench._common import OUT, find_mpiexec, record  # noqa: E402
 from ingest.build import build_shards  # noqa: E402
 from ingest.config import IngestConfig  # noqa: E402
 from ingest.optical import crop_optical, crop_optical_pillow, encode_jpeg  # noqa: E402
@@ -190,7 +190,7 @@ _SUMMARY = re.compile(r"decoded (\d+) frames at ([\d.]+) frames/s; ([\d.]+) s in
 
 
 def bench_mpi(raw: Path, ranks: int, workers: int, frames: int, repeats: int, sample: int) -> list[str]:
-    mpiexec = shutil.which("mpiexec", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    mpiexec = find_mpiexec()
     if mpiexec is None:
         return [f"mpiexec -n {ranks} x {workers} workers: no mpiexec found (pip install mpich)"]
     together, runs = [concurrent_limit(raw, ranks * workers, sample)], []

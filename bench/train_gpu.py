@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -33,7 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench._common import OUT, record  # noqa: E402
+from bench._common import OUT, find_mpiexec, record  # noqa: E402
 
 BATCH = 256
 EXPANDER = "[2048, 2048, 2048]"
@@ -168,7 +169,7 @@ def analysis_embed_ranks(run_dir: Path, dataset: Path, ranks: int, workers: int,
                          decode: str = "gpu", timeout_s: float = 120.0) -> dict:
     """`mpiexec -n R analysis embed` with every rank on the one GPU: each process has its own Python (GIL),
     so one rank's host work (launching kernels, collecting batches) overlaps the other's GPU work."""
-    mpiexec = shutil.which("mpiexec", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    mpiexec = find_mpiexec()
     if mpiexec is None:
         return {"error": "no mpiexec"}
     shutil.rmtree(run_dir / "embeddings", ignore_errors=True)
@@ -182,18 +183,15 @@ def analysis_embed_ranks(run_dir: Path, dataset: Path, ranks: int, workers: int,
     process = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                start_new_session=True)
     try:
-        stdout, stderr = process.communicate(timeout=timeout_s)
+        _, stderr = process.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, 9)
         process.communicate()
         return {"error": f"did not finish in {timeout_s:.0f} s (killed)"}
-    result = subprocess.CompletedProcess(argv, process.returncode, stdout, stderr)
     wall = time.perf_counter() - started
-    import re
-
-    found = re.search(r"(\d+) samples \((\d+) embedded now, (\d+) pairs/s on (\d+) rank\(s\); (\d+) pairs/s after", result.stderr)
-    if result.returncode != 0 or found is None:
-        return {"error": f"exit {result.returncode}: {result.stderr[-400:]}"}
+    found = re.search(r"(\d+) samples \((\d+) embedded now, (\d+) pairs/s on (\d+) rank\(s\); (\d+) pairs/s after", stderr)
+    if process.returncode != 0 or found is None:
+        return {"error": f"exit {process.returncode}: {stderr[-400:]}"}
     return {"decode": decode, "ranks": ranks, "workers": workers, "rows": int(found[1]), "rate": float(found[3]),
             "steady": float(found[5]), "wall": wall}
 
@@ -356,8 +354,8 @@ def main(argv: list[str] | None = None) -> int:
             if "error" in e:
                 say(f"`mpiexec -n {ranks} analysis embed` on one GPU FAILED: {e['error']}")
                 continue
-            say(f"`mpiexec -n {e['ranks']} analysis embed` on the one GPU, embed.decode = gpu ({e['workers']} workers a "
-                f"rank), {e['rows']} samples: {e['steady']:.0f} pairs/s after each rank's first batch ({e['rate']:.0f} "
+            say(f"`mpiexec -n {e['ranks']} analysis embed` on the one GPU, embed.decode = {e['decode']} "
+                f"({e['workers']} workers a rank), {e['rows']} samples: {e['steady']:.0f} pairs/s after each rank's first batch ({e['rate']:.0f} "
                 f"with start-up; command {e['wall']:.1f} s) = **{e['steady'] / embed_limit:.2f} of the model-only embed "
                 f"rate**")
     record("bench/train_gpu.py", lines)

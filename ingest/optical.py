@@ -77,6 +77,14 @@ def decode_eighths(box_width: float, box_height: float, out_width: int, out_heig
     return 8
 
 
+def _box_in_decoded(box: tuple[float, float, float, float], source_size: tuple[int, int],
+                    decoded_size: tuple[int, int]) -> tuple[float, float, float, float]:
+    """``box`` (source pixels) in the pixels of the image decoded at ``decoded_size``, kept inside it."""
+    (width, height), (decoded_width, decoded_height) = source_size, decoded_size
+    return (min(box[0] * decoded_width / width, decoded_width), min(box[1] * decoded_height / height, decoded_height),
+            min(box[2] * decoded_width / width, decoded_width), min(box[3] * decoded_height / height, decoded_height))
+
+
 def _check_header(data: bytes) -> None:
     if not data:
         raise CorruptJPEGError("empty file")
@@ -117,8 +125,7 @@ def crop_optical(data: bytes, crop: CropBox, out_size: tuple[int, int], resample
         # Pillow decides, so that a file is accepted or rejected whichever decoder ran.
         return crop_optical_pillow(data, crop, out_size, resample)
     decoded_height, decoded_width = pixels.shape[:2]
-    left, right = (min(x * decoded_width / width, decoded_width) for x in (box[0], box[2]))
-    top, bottom = (min(y * decoded_height / height, decoded_height) for y in (box[1], box[3]))
+    left, top, right, bottom = _box_in_decoded(box, (width, height), (decoded_width, decoded_height))
     # Only the box and what the filter reads around it become a PIL image (the false-colour half is never
     # copied): the same pixels as resizing from the whole decoded frame.
     reach = _SUPPORT[resample] * max((right - left) / out_size[0], (bottom - top) / out_size[1], 1.0)
@@ -153,10 +160,7 @@ def crop_optical_pillow(data: bytes, crop: CropBox, out_size: tuple[int, int], r
         raise CorruptJPEGError(f"cannot decode: {type(exc).__name__}: {exc}") from None
     if image.mode != "RGB":
         image = image.convert("RGB")
-    decoded_width, decoded_height = image.size
-    scaled_box = (min(box[0] * decoded_width / width, decoded_width), min(box[1] * decoded_height / height, decoded_height),
-                  min(box[2] * decoded_width / width, decoded_width), min(box[3] * decoded_height / height, decoded_height))
-    resized = image.resize(out_size, _RESAMPLE[resample], box=scaled_box)
+    resized = image.resize(out_size, _RESAMPLE[resample], box=_box_in_decoded(box, (width, height), image.size))
     return OpticalCrop(image=resized, source_size=(width, height), box=box, decode_scale=1 / factor)
 
 
