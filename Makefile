@@ -4,6 +4,10 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 DEMO   := demo
 FRAMES ?= 160
+# Visits of 4 frames and a 20% test split: the test split holds about 16 node-days, so k-NN on day/night is not
+# decided by 4 of them.
+VISIT_FRAMES ?= 4
+DEMO_INGEST ?= [split]\ntrain = 0.7\nval = 0.1\ntest = 0.2\n
 WORKERS ?= $(shell nproc)
 HALF_CORES := $(shell n=$$(nproc); echo $$(( n > 1 ? n / 2 : 1 )))
 # Tiny ViTs for a few epochs on 2 ranks: the whole training path (MPI, gloo, loader, checkpoints) in about a minute.
@@ -34,8 +38,9 @@ install: $(VENV)/.installed
 
 demo: install
 	rm -rf $(DEMO)
-	$(BIN)/ingest synth $(DEMO)/raw --nodes 2 --frames $(FRAMES) --seed 0 --faults --workers $(WORKERS)
-	$(BIN)/ingest build-shards $(DEMO)/raw $(DEMO)/dataset --nodes $(DEMO)/raw/nodes.csv --workers $(WORKERS)
+	$(BIN)/ingest synth $(DEMO)/raw --nodes 2 --frames $(FRAMES) --visit-frames $(VISIT_FRAMES) --seed 0 --faults --workers $(WORKERS)
+	printf '$(DEMO_INGEST)' > $(DEMO)/ingest.toml
+	$(BIN)/ingest build-shards $(DEMO)/raw $(DEMO)/dataset --nodes $(DEMO)/raw/nodes.csv --workers $(WORKERS) --config $(DEMO)/ingest.toml
 	$(BIN)/shards verify $(DEMO)/dataset
 	$(BIN)/catalog describe $(DEMO)/dataset
 	$(BIN)/catalog query $(DEMO)/dataset \

@@ -108,7 +108,14 @@ def main(argv: list[str] | None = None) -> int:
             path = analysis.report()
             print(path)
         elif args.command == "all":
+            from analysis.report import knn_against_baseline
+
             path = analysis.all()
+            comparison = knn_against_baseline(analysis)
+            if comparison:
+                log("k-NN on the test split, trained vs random init:")
+                for line in comparison:
+                    log(f"  {line}")
             log("report:")
             print(path)
         return 0

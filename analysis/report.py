@@ -13,7 +13,7 @@ from pathlib import Path
 from analysis.runs import RANDOM
 from analysis.store import read_json
 
-__all__ = ["write_report", "summary_rows"]
+__all__ = ["write_report", "summary_rows", "knn_against_baseline"]
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1200px;color:#222;padding:0 1rem}
@@ -59,6 +59,22 @@ def summary_rows(results: dict[str, dict]) -> list[tuple[str, dict[str, float | 
         rows.append((f"silhouette ({space})", {c: r.get("cluster", {}).get("spaces", {}).get(space, {})
                                                .get("silhouette_mean") for c, r in results.items()}))
     return [(name, values) for name, values in rows if any(v is not None for v in values.values())]
+
+
+def knn_against_baseline(analysis, labels: tuple[str, ...] = ("is_sky", "is_day")) -> list[str]:
+    """One line per label and space: k-NN top-1 at the headline k of ``last`` against the random-init model."""
+    names = [c for c in ("last", RANDOM) if analysis.run.results(c).exists()]
+    if len(names) < 2:
+        return []
+    results = {c: _load(analysis.run.results(c)) for c in names}
+    lines = []
+    for name, values in summary_rows(results):
+        if any(name.startswith(f"k-NN {label} top-1") for label in labels):
+            trained, baseline = values.get("last"), values.get(RANDOM)
+            verdict = "" if trained is None or baseline is None else (
+                "  better" if trained > baseline else ("  same" if trained == baseline else "  WORSE"))
+            lines.append(f"{name[len('k-NN '):]}: trained {_pct(trained)}, random init {_pct(baseline)}{verdict}")
+    return lines
 
 
 def _load(results_dir: Path) -> dict:

@@ -25,6 +25,8 @@ def _parser() -> argparse.ArgumentParser:
     synth.add_argument("--faults", action="store_true", help="plant one of each bad case")
     synth.add_argument("--start", default="2023-03-01", help="first capture day (UTC)")
     synth.add_argument("--end", default="2023-10-31", help="last capture day (UTC)")
+    synth.add_argument("--visit-frames", type=int, default=8,
+                       help="consecutive presets per visit (fewer: more independent capture times per frame)")
     synth.add_argument("--workers", type=int, default=0, help="processes (0: all cores)")
     synth.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -97,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             config = SynthConfig(
                 nodes=args.nodes, frames=args.frames, seed=args.seed, scale=args.scale, faults=args.faults,
-                start=args.start, end=args.end, workers=args.workers,
+                start=args.start, end=args.end, workers=args.workers, visit_frames=args.visit_frames,
             )
             truth = synthesize(args.raw, config, progress=not args.quiet)
         except ValueError as exc:

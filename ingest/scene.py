@@ -130,7 +130,9 @@ def render_thermal(spec: SceneSpec, shape: tuple[int, int], box: tuple[float, fl
     cloud = air - 16.0 + 8.0 * cloud_field
     sun = max(np.sin(np.radians(spec.sun_elevation_deg)), 0.0)
     tex = _texture(spec, u2, np.broadcast_to(v, shape))
-    ground = air + 14.0 * sun - 3.0 * (sun == 0) + 2.5 * tex
+    # Sunlit ground warms unevenly (soil, grass, shade differ); at night it cools to nearly one temperature, so
+    # by day a thermal image has far more contrast than by night.
+    ground = air + 14.0 * sun - 3.0 * (sun == 0) + (1.5 + 8.0 * sun) * tex
     temps = np.where(sky, clear * (1 - opacity) + cloud * opacity, ground)
     pole, building = _objects(spec, u2, elev)
     temps = np.where(building, 18.0 + 6.0 * sun, temps)

@@ -79,10 +79,13 @@ class SynthConfig:
     end: str = "2023-10-31"
     workers: int = 0  # 0: all cores
     jpeg_quality: int = 90
+    visit_frames: int = 8  # consecutive presets per visit; shorter visits: more independent times and weather
 
     def __post_init__(self) -> None:
         if self.nodes < 1 or self.frames < 1:
             raise ValueError("need at least 1 node and 1 frame per node")
+        if not 1 <= self.visit_frames <= 32:
+            raise ValueError(f"visit_frames must be in 1..32, got {self.visit_frames}")
         if not 0.05 <= self.scale <= 1.0:
             raise ValueError(f"scale must be in [0.05, 1], got {self.scale}")
         if pd.Timestamp(self.end, tz="UTC") <= pd.Timestamp(self.start, tz="UTC"):
@@ -132,15 +135,26 @@ def _location_at(periods, ts: pd.Timestamp) -> tuple[float, float]:
     return periods[-1][0], periods[-1][1]
 
 
+def air_celsius(ts: pd.Timestamp, lon: float) -> float:
+    """Air temperature without weather: a seasonal cycle (coldest late January) and a daily one.
+
+    The daily cycle peaks at 15:00 local solar time (air lags the sun); its range, 12 degrees C, is a mid-latitude
+    continental one. Without it the sky's thermal image would not change between day and night at all.
+    """
+    seasonal = 12.0 - 14.0 * np.cos(2 * np.pi * (ts.day_of_year - 20) / 365.25)
+    solar_hour = (ts.hour + ts.minute / 60.0 + lon / 15.0) % 24.0
+    return float(seasonal + 6.0 * np.cos(2 * np.pi * (solar_hour - 15.0) / 24.0))
+
+
 def plan_frames(config: SynthConfig) -> list[FrameSpec]:
-    """Capture schedule: per node, visits of up to 8 consecutive presets 20 s apart at random times."""
+    """Capture schedule: per node, visits of up to ``visit_frames`` consecutive presets 20 s apart at random times."""
     rng = np.random.default_rng(config.seed)
     start, end = pd.Timestamp(config.start, tz="UTC"), pd.Timestamp(config.end, tz="UTC")
     span_ns = end.value - start.value
     specs: list[FrameSpec] = []
     for vsn, periods, pan_tilt in _node_list(config.nodes, config.seed):
         node_id = _node_id(vsn, config.seed)
-        n_visits = -(-config.frames // 8)
+        n_visits = -(-config.frames // config.visit_frames)
         visit_starts = np.sort(rng.integers(0, span_ns, n_visits)) + start.value
         # Make sure the eras the format knows about all appear when the range covers them.
         if start < SAMPLER_END < end:
@@ -151,7 +165,7 @@ def plan_frames(config: SynthConfig) -> list[FrameSpec]:
         made = 0
         for loop, visit_ns in enumerate(visit_starts):
             first = int(rng.integers(0, 32))
-            for i in range(min(8, config.frames - made)):
+            for i in range(min(config.visit_frames, config.frames - made)):
                 ts_ns = int(visit_ns) + i * 20_000_000_000 + int(rng.integers(0, 999_999_999))
                 ts = pd.Timestamp(ts_ns, unit="ns", tz="UTC")
                 era = "sampler" if ts < SAMPLER_END else ("direction" if ts >= DIRECTION_START else "scan")
@@ -161,8 +175,7 @@ def plan_frames(config: SynthConfig) -> list[FrameSpec]:
                 if era == "sampler":
                     tilt, azimuth = 1, int(rng.integers(0, 8))
                 lat, lon = _location_at(periods, ts)
-                day_of_year = ts.day_of_year
-                air = 12.0 - 14.0 * np.cos(2 * np.pi * (day_of_year - 20) / 365.25) + rng.normal(0, 3)
+                air = air_celsius(ts, lon) + rng.normal(0, 3)
                 specs.append(
                     FrameSpec(
                         vsn=vsn, node_id=node_id, ts_ns=ts_ns, era=era,

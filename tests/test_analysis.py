@@ -277,6 +277,9 @@ def test_all_writes_a_complete_report(trained_run_copy, tmp_path):
 
     sources = re.findall(r'<img src="([^"]+)"', text)
     assert len(sources) >= 8
+    # The terminal shows the trained model's k-NN against the random-init model's, label by label.
+    assert "k-NN on the test split, trained vs random init:" in done.stderr
+    assert re.search(r"is_sky top-1 \(k=\d+, joint\): trained \d+\.\d%, random init \d+\.\d%", done.stderr)
     for src in sources:
         assert (index.parent / src).stat().st_size > 0, src
     for expected in ("Trained vs random init", "k-NN is_sky", "retrieval RGB -&gt; IR", "silhouette", "attention"):
