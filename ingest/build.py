@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from catalog.location import load_nodes_csv, node_periods, splits
 from catalog.maintain import location_table, set_nodes_locked, write_snapshot
@@ -36,7 +37,7 @@ from catalog.store import DatasetLayout, dataset_lock, write_parts
 from ingest.config import IngestConfig
 from ingest.frames import FileDecision, FrameTask, RawFile, metadata_file_kind, plan_frames
 from ingest.metadata import MetadataError, UploadRecord, read_metadata_frame, upload_records
-from ingest.naming import is_sky_position
+from ingest.naming import ROLE_OTHER, is_sky_position
 from ingest.process import FrameResult
 from ingest.share import ShareOutcome, split_by_bytes, write_share
 from shards.layout import MEMBERS, shard_index, shard_name
@@ -125,7 +126,7 @@ def _load_uploads(raw_dir: Path, files: list[RawFile]) -> tuple[dict, dict]:
 
 @dataclass
 class _State:
-    files: dict[str, dict]
+    files: pa.Table  # the catalog's latest row per raw file (FILES): columns, not a dict per file
     sample_keys: set[str]
     shard_names: set[str]
     next_shard: int
@@ -136,16 +137,55 @@ class _State:
 
 def _current_state(layout: DatasetLayout) -> _State:
     if not layout.exists():
-        return _State({}, set(), set(), 0, NODES.empty_table(), False, Counter())
+        return _State(FILES.empty_table(), set(), set(), 0, NODES.empty_table(), False, Counter())
     with Catalog(layout.root) as catalog:
-        files = {row["path"]: row for row in catalog.query("SELECT * FROM files").to_pylist()}
-        samples = catalog.query("SELECT key, vsn FROM samples")
-        keys = set(samples.column("key").to_pylist())
+        files = catalog.query("SELECT * FROM files")
+        keys = set(catalog.query("SELECT key FROM samples").column("key").to_pylist())
+        per_node = catalog.query("SELECT vsn, count(*) AS n FROM samples GROUP BY vsn").to_pylist()
         shards = catalog.query("SELECT name FROM shards").column("name").to_pylist()
         nodes = catalog.nodes()
     numbers = [shard_index(name) for name in shards]
     next_shard = max((n for n in numbers if n is not None), default=-1) + 1
-    return _State(files, keys, set(shards), next_shard, nodes, bool(keys), Counter(samples.column("vsn").to_pylist()))
+    return _State(files, keys, set(shards), next_shard, nodes, bool(keys),
+                  Counter({row["vsn"]: row["n"] for row in per_node}))
+
+
+@dataclass
+class _Settled:
+    """Raw files whose recorded decision stands without planning them again: samples, and files ignored for their
+    name alone (a frame's siblings, files outside the layout) that still have the recorded size. An incremental
+    run over a RAW of millions of files handles only the rest in Python."""
+
+    to_plan: list[RawFile]  # the scanned files that are not settled, in scan order
+    count: int
+    status_counts: Counter[str]
+    new: int  # scanned files the catalog has never seen
+    previous: dict[str, dict]  # the recorded rows of the files to plan (those the catalog has seen)
+
+
+def _settle(files: list[RawFile], recorded: pa.Table) -> _Settled:
+    if recorded.num_rows == 0:
+        return _Settled(list(files), 0, Counter(), len(files), {})
+    # Columns aligned with the scan (Arrow's hash lookup, not a Python dict of every recorded file).
+    where = pc.index_in(pa.array([f.path for f in files], pa.string()),
+                        value_set=recorded.column("path").cast(pa.string()).combine_chunks())
+    seen = pc.is_valid(where)
+    rows = pc.fill_null(where, 0)
+    status = recorded.column("status").take(rows)
+    by_name = pc.and_(
+        pc.and_(pc.equal(status, "ignored"), pc.equal(recorded.column("role").take(rows), ROLE_OTHER)),
+        pc.equal(recorded.column("bytes").take(rows), pa.array([f.bytes for f in files], pa.int64())),
+    )
+    settled = pc.fill_null(pc.and_(seen, pc.or_(pc.equal(status, "sample"), by_name)), False)
+    to_plan = [f for f, done in zip(files, settled.to_numpy(zero_copy_only=False)) if not done]
+    seen_to_plan = pc.filter(where, pc.and_(seen, pc.invert(settled)))
+    return _Settled(
+        to_plan=to_plan,
+        count=len(files) - len(to_plan),
+        status_counts=Counter(pc.filter(status, settled).to_pylist()),
+        new=len(files) - pc.sum(seen.cast(pa.int64())).as_py(),
+        previous={row["path"]: row for row in recorded.take(seen_to_plan).select(FILES.names).to_pylist()},
+    )
 
 
 def _same_nodes(a: pa.Table, b: pa.Table) -> bool:
@@ -351,16 +391,14 @@ def _lead(
 
         files = scan_raw(raw)
         summary.files_seen = len(files)
-        summary.files_new = sum(1 for f in files if f.path not in state.files)
+        settled = _settle(files, state.files)
+        summary.files_new = settled.new
         uploads, metadata_status = _load_uploads(raw, files)
 
-        done = {f.path for f in files if (state.files.get(f.path) or {}).get("status") == "sample"}
-        tasks, decisions = plan_frames(
-            [f for f in files if f.path not in done], uploads, state.sample_keys, metadata_status
-        )
-        decisions += [_decision_from_row(state.files[p]) for p in sorted(done)]
+        to_plan = settled.to_plan
+        tasks, decisions = plan_frames(to_plan, uploads, state.sample_keys, metadata_status)
         if not recheck_rejects:
-            tasks, carried = _carry_over_rejects(tasks, state.files)
+            tasks, carried = _carry_over_rejects(tasks, settled.previous)
             decisions += carried
 
         # nodes.csv's node id for the period wins over the upload metadata's (it is the one users correct).
@@ -386,14 +424,15 @@ def _lead(
         summary.share_seconds = [o.seconds for o in outcomes]
         summary.workers = [o.workers for o in outcomes]
 
-        if len(decisions) != len(files) or len({d.path for d in decisions}) != len(files):
+        if len(decisions) != len(to_plan) or {d.path for d in decisions} != {f.path for f in to_plan}:
             # A bug, never bad input: refuse to commit a catalog that loses or doubles a file.
-            raise RuntimeError(f"accounting failed: {len(decisions)} decisions for {len(files)} raw files")
+            raise RuntimeError(f"accounting failed: {len(decisions)} decisions for {len(to_plan)} raw files to decide "
+                               f"({settled.count} more keep their recorded decision)")
 
         samples_table = _samples_table(sample_rows, nodes, config)
         file_rows = [_decision_row(d, run_id) for d in decisions]
-        changed_rows = [r for r in file_rows if _changed(r, state.files.get(r["path"]))]
-        status_counts = Counter(d.status for d in decisions)
+        changed_rows = [r for r in file_rows if _changed(r, settled.previous.get(r["path"]))]
+        status_counts = Counter(d.status for d in decisions) + settled.status_counts
         reason_counts = Counter(d.reason for d in decisions if d.status == "rejected")
         summary.samples_added = len(sample_rows)
         summary.shards_added = len(shard_records)

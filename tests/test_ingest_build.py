@@ -149,6 +149,8 @@ def test_incremental_runs(raw_copy, tmp_path, truth):
     assert (second.samples_added, second.shards_added, second.frames_decoded) == (0, 0, 0)
     assert shard_digests(dataset) == digests
     assert q(dataset, "SELECT * EXCLUDE (ingest_run) FROM files ORDER BY path") == files_before
+    # Files with a standing decision are counted, not planned again, and the counts say so.
+    assert second.status_counts == first.status_counts and (first.files_new, second.files_new) == (first.files_seen, 0)
 
     # New files add new shards only, and an unpaired frame whose partner arrives becomes a sample.
     for p in late:
@@ -158,7 +160,14 @@ def test_incremental_runs(raw_copy, tmp_path, truth):
     donor = next(p for p in raw_copy.glob(f"{orphan['vsn']}/*_position*.jpg") if "_plot" not in p.name)
     size = donor.name.split("-", 1)[1].split("_")[0]  # synth names frames by their true size, e.g. 1228x410
     shutil.copyfile(donor, raw_copy / orphan["vsn"] / f"{orphan['ts_ns']}-{size}_position{orphan['position_label']}.jpg")
+    # An ignored sibling that changed size is decided again and recorded with its new size.
+    sibling = next(raw_copy.glob("W056/*.thermal.uint*.csv"))
+    with open(sibling, "ab") as grown:
+        grown.write(b"\n")
+    sibling_path = f"W056/{sibling.name}"
     third = build_shards(raw_copy, dataset, INGEST, nodes_csv=raw_copy / "nodes.csv", **QUIET)
+    assert q(dataset, f"SELECT bytes, status FROM files WHERE path = '{sibling_path}'") == [
+        {"bytes": sibling.stat().st_size, "status": "ignored"}]
     expected = sum(1 for t in truth if t["key"] in late_keys and t["expected_status"] == "sample") + 1
     assert third.samples_added == expected and third.shards_added >= 1
     after = shard_digests(dataset)
