@@ -36,8 +36,8 @@ from catalog.schema import FILES, LOCATION_COLUMNS, NODES, RUNS, SAMPLES, SHARDS
 from catalog.store import DatasetLayout, dataset_lock, write_parts
 from ingest.config import IngestConfig
 from ingest.frames import FileDecision, FrameTask, RawFile, metadata_file_kind, plan_frames
-from ingest.metadata import MetadataError, UploadRecord, read_metadata_frame, upload_records
-from ingest.naming import ROLE_OTHER, is_sky_position
+from ingest.metadata import MetadataError, UploadRecord, read_metadata_frame, read_upload_records
+from ingest.naming import ROLE_OTHER, is_sky_position, parse_raw_path
 from ingest.process import FrameResult
 from ingest.share import ShareOutcome, split_by_bytes, write_share
 from shards.layout import MEMBERS, shard_index, shard_name
@@ -107,20 +107,23 @@ def scan_raw(raw_dir: Path) -> list[RawFile]:
     return files
 
 
-def _load_uploads(raw_dir: Path, files: list[RawFile]) -> tuple[dict, dict]:
+def _load_uploads(raw_dir: Path, files: list[RawFile], to_plan: list[RawFile]) -> tuple[dict, dict]:
+    """Upload records of the frames in ``to_plan`` (from every metadata file in ``files``), and each metadata
+    file's status."""
+    timestamps = np.unique(np.array([p.ts_ns for f in to_plan if (p := parse_raw_path(f.path)) is not None], np.int64))
     uploads: dict[tuple[str, int, str], UploadRecord] = {}
     status: dict[str, tuple[str, str | None, str | None]] = {}
     for raw in files:
         if metadata_file_kind(raw.path) != "metadata":
             continue
         try:
-            records = upload_records(read_metadata_frame(raw_dir / raw.path), raw.path)
+            records, count = read_upload_records(read_metadata_frame(raw_dir / raw.path), raw.path, timestamps)
         except MetadataError as exc:
             status[raw.path] = ("rejected", "unreadable", str(exc))
             continue
         for record in records:
             uploads.setdefault((record.vsn, record.ts_ns, record.filename), record)
-        status[raw.path] = ("ignored", "metadata", f"{len(records)} upload records")
+        status[raw.path] = ("ignored", "metadata", f"{count} upload records")
     return uploads, status
 
 
@@ -393,9 +396,9 @@ def _lead(
         summary.files_seen = len(files)
         settled = _settle(files, state.files)
         summary.files_new = settled.new
-        uploads, metadata_status = _load_uploads(raw, files)
-
         to_plan = settled.to_plan
+        uploads, metadata_status = _load_uploads(raw, files, to_plan)
+
         tasks, decisions = plan_frames(to_plan, uploads, state.sample_keys, metadata_status)
         if not recheck_rejects:
             tasks, carried = _carry_over_rejects(tasks, settled.previous)

@@ -10,9 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
-__all__ = ["UploadRecord", "MetadataError", "read_metadata_frame", "upload_records", "METADATA_SUFFIXES", "QUERY_RECORD_SUFFIX", "text_or_none", "column_values"]
+__all__ = ["UploadRecord", "MetadataError", "read_metadata_frame", "upload_records", "read_upload_records", "METADATA_SUFFIXES", "QUERY_RECORD_SUFFIX", "text_or_none", "column_values"]
 
 METADATA_SUFFIXES = (".csv", ".ndjson", ".ndjson.gz", ".json", ".json.gz", ".parquet")
 # What `ingest download` writes beside its Parquet: the query that produced it (not a query result).
@@ -74,36 +75,42 @@ def column_values(frame: pd.DataFrame, name: str) -> list:
     return frame[name].tolist() if name in frame.columns else [None] * len(frame)
 
 
+def _texts(frame: pd.DataFrame, name: str) -> np.ndarray:
+    """A column as stripped text (None for NaN, None and empty cells, as :func:`text_or_none`), all rows at once."""
+    if name not in frame.columns:
+        return np.full(len(frame), None, dtype=object)
+    text = frame[name].astype("string").str.strip()
+    return text.where(text != "").to_numpy(dtype=object, na_value=None)
+
+
 def upload_records(frame: pd.DataFrame, source: str) -> list[UploadRecord]:
     """Upload rows of a metadata frame as records; rows without a VSN or file name are skipped."""
+    return read_upload_records(frame, source)[0]
+
+
+def read_upload_records(frame: pd.DataFrame, source: str, timestamps: np.ndarray | None = None) -> tuple[list[UploadRecord], int]:
+    """(records, how many the frame holds): records only of uploads at ``timestamps`` (int64 ns) when given, so a
+    run that plans a few new frames does not build an object for every upload a RAW has ever had."""
     if "meta.filename" not in frame.columns or len(frame) == 0:
-        return []
+        return [], 0
     uploads = frame[frame["name"].astype(str) == "upload"]
     if len(uploads) == 0:
-        return []
+        return [], 0
     try:
         stamps = pd.to_datetime(uploads["timestamp"], utc=True, format="ISO8601")
     except (ValueError, TypeError) as exc:
         raise MetadataError(f"{source}: unreadable timestamps: {exc}") from None
     # pandas 3 parses whole-second stamps to datetime64[us]; the join key is integer nanoseconds.
     ts_ns = stamps.dt.as_unit("ns").astype("int64").to_numpy()
-    records = []
-    for i, (vsn, filename, position, node, plugin) in enumerate(
-        zip(*(column_values(uploads, c) for c in ("meta.vsn", "meta.filename", "meta.position", "meta.node", "meta.plugin")))
-    ):
-        vsn, filename = text_or_none(vsn), text_or_none(filename)
-        if vsn is None or filename is None:
-            continue
-        node_id = text_or_none(node)
-        records.append(
-            UploadRecord(
-                vsn=vsn,
-                ts_ns=int(ts_ns[i]),
-                filename=filename,
-                position_label=text_or_none(position),
-                node_id=node_id.lower() if node_id else None,
-                plugin=text_or_none(plugin),
-                source=source,
-            )
+    vsn, filename = _texts(uploads, "meta.vsn"), _texts(uploads, "meta.filename")
+    present = (vsn != None) & (filename != None)  # noqa: E711 - elementwise on object arrays
+    wanted = present if timestamps is None else present & np.isin(ts_ns, timestamps)
+    position, node, plugin = (_texts(uploads, c) for c in ("meta.position", "meta.node", "meta.plugin"))
+    records = [
+        UploadRecord(
+            vsn=vsn[i], ts_ns=int(ts_ns[i]), filename=filename[i], position_label=position[i],
+            node_id=node[i].lower() if node[i] else None, plugin=plugin[i], source=source,
         )
-    return records
+        for i in np.flatnonzero(wanted)
+    ]
+    return records, int(present.sum())
