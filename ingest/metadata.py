@@ -24,7 +24,7 @@ class MetadataError(ValueError):
     """A metadata file that cannot be read as a sage_data_client result."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per upload a RAW has ever had: no __dict__ each
 class UploadRecord:
     vsn: str
     ts_ns: int

@@ -94,7 +94,7 @@ def classify_name(filename: str) -> RawName:
     return RawName(ROLE_OTHER, "unrecognised", label, None)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RawPath:
     """A file's place in the canonical layout: VSN directory, capture timestamp and uploaded name."""
 

@@ -30,7 +30,7 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SegmentSample:
     """Where a kept sample's tar bytes are in its piece's segment file."""
 
@@ -40,7 +40,7 @@ class SegmentSample:
     members: dict[str, MemberLocation]  # data offsets relative to the sample's first byte
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class FrameResult:
     key: str
     members: dict[str, bytes] | None  # None when rejected

@@ -23,7 +23,7 @@ from pathlib import Path
 from shards.layout import BLOCK, KEY_RE, MEMBERS, member_span
 
 __all__ = [
-    "MemberLocation", "SampleLocation", "ShardRecord", "sample_bytes", "ShardCuts", "assemble_shard",
+    "MemberLocation", "ShardRecord", "sample_bytes", "ShardCuts", "assemble_shard",
     "fsync_dir",
 ]
 
@@ -35,14 +35,6 @@ _COPY_BYTES = 8 << 20
 class MemberLocation:
     offset: int  # first data byte (in the shard, or relative to the sample's start in :func:`sample_bytes`)
     size: int  # data bytes
-
-
-@dataclass(frozen=True)
-class SampleLocation:
-    shard: str
-    offset: int  # first header byte of the sample's first member
-    length: int  # bytes from offset to the end of the last member's padded data
-    members: dict[str, MemberLocation]
 
 
 @dataclass(frozen=True)
