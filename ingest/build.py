@@ -37,7 +37,7 @@ from catalog.store import DatasetLayout, dataset_lock, write_parts
 from ingest.config import IngestConfig
 from ingest.frames import FileDecision, FrameTask, RawFile, metadata_file_kind, plan_frames
 from ingest.metadata import MetadataError, UploadRecord, read_metadata_frame, read_upload_records
-from ingest.naming import ROLE_OTHER, is_sky_position
+from ingest.naming import ROLE_OTHER, ROLE_RGB, ROLE_THERMAL, classify_name, is_sky_position
 from ingest.process import FrameResult
 from ingest.share import ShareOutcome, split_by_bytes, write_share
 from shards.layout import MEMBERS, shard_index, shard_name
@@ -107,6 +107,11 @@ def scan_raw(raw_dir: Path) -> list[RawFile]:
     return files
 
 
+def _frame_pair_name(filename: str) -> bool:
+    """Planning looks up the records of optical JPEGs and celsius CSVs only."""
+    return classify_name(filename).role in (ROLE_RGB, ROLE_THERMAL)
+
+
 def _load_uploads(raw_dir: Path, files: list[RawFile], to_plan: list[RawFile]) -> tuple[dict, dict]:
     """Upload records of the frames in ``to_plan`` (from every metadata file in ``files``), and each metadata
     file's status."""
@@ -123,7 +128,8 @@ def _load_uploads(raw_dir: Path, files: list[RawFile], to_plan: list[RawFile]) -
         if not raw.path.startswith("metadata/") or metadata_file_kind(raw.path) != "metadata":
             continue
         try:
-            records, count = read_upload_records(read_metadata_frame(raw_dir / raw.path), raw.path, timestamps)
+            records, count = read_upload_records(read_metadata_frame(raw_dir / raw.path), raw.path, timestamps,
+                                                 keep_name=_frame_pair_name)
         except MetadataError as exc:
             status[raw.path] = ("rejected", "unreadable", str(exc))
             continue

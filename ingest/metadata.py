@@ -7,6 +7,7 @@ Only ``name == "upload"`` rows with a ``meta.filename`` describe files; other me
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,9 +92,12 @@ def upload_records(frame: pd.DataFrame, source: str) -> list[UploadRecord]:
     return read_upload_records(frame, source)[0]
 
 
-def read_upload_records(frame: pd.DataFrame, source: str, timestamps: np.ndarray | None = None) -> tuple[list[UploadRecord], int]:
-    """(records, how many the frame holds): records only of uploads at ``timestamps`` (int64 ns) when given, so a
-    run that plans a few new frames does not build an object for every upload a RAW has ever had."""
+def read_upload_records(
+    frame: pd.DataFrame, source: str, timestamps: np.ndarray | None = None, keep_name: Callable[[str], bool] | None = None,
+) -> tuple[list[UploadRecord], int]:
+    """(records, how many the frame holds): records only of uploads at ``timestamps`` (int64 ns) and with a file
+    name ``keep_name`` accepts, when given, so a run that plans a few new frames does not build an object for every
+    upload a RAW has ever had."""
     if "meta.filename" not in frame.columns or len(frame) == 0:
         return [], 0
     uploads = frame[frame["name"].astype(str) == "upload"]
@@ -108,12 +112,15 @@ def read_upload_records(frame: pd.DataFrame, source: str, timestamps: np.ndarray
     vsn, filename = _texts(uploads, "meta.vsn"), _texts(uploads, "meta.filename")
     present = (vsn != None) & (filename != None)  # noqa: E711 - elementwise on object arrays
     wanted = present if timestamps is None else present & np.isin(ts_ns, timestamps)
+    rows = np.flatnonzero(wanted)
+    if keep_name is not None:
+        rows = rows[np.fromiter((keep_name(name) for name in filename[rows]), bool, len(rows))]
     position, node, plugin = (_texts(uploads, c) for c in ("meta.position", "meta.node", "meta.plugin"))
     records = [
         UploadRecord(
             vsn=vsn[i], ts_ns=int(ts_ns[i]), filename=filename[i], position_label=position[i],
             node_id=node[i].lower() if node[i] else None, plugin=plugin[i], source=source,
         )
-        for i in np.flatnonzero(wanted)
+        for i in rows
     ]
     return records, int(present.sum())

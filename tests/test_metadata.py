@@ -1,6 +1,7 @@
+import numpy as np
 import pandas as pd
 
-from ingest.metadata import read_metadata_frame, upload_records
+from ingest.metadata import read_metadata_frame, read_upload_records, upload_records
 from tests.conftest import fixtures_dir
 
 
@@ -33,3 +34,25 @@ def test_to_csv_with_index_and_whole_second_stamps(tmp_path):
     frame.to_parquet(tmp_path / "uploads.parquet")
     records = upload_records(read_metadata_frame(tmp_path / "uploads.parquet"), "uploads.parquet")
     assert [r.ts_ns for r in records] == [1685708796000000000, 1685708796000000001]
+
+
+def test_records_of_the_frames_planned_only():
+    frame = read_metadata_frame(fixtures_dir() / "konza-notebook_V017_mobotix-scan_upload_meta_EXTRACTED.csv")
+    every = upload_records(frame, "v017.csv")
+    wanted_ts = sorted({r.ts_ns for r in every})[:2]
+    records, count = read_upload_records(frame, "v017.csv", np.array(wanted_ts, np.int64),
+                                         keep_name=lambda name: name.endswith(".jpg"))
+    assert count == len(every) == 48  # the file's own count does not depend on what is asked for
+    assert records == [r for r in every if r.ts_ns in wanted_ts and r.filename.endswith(".jpg")] and records
+
+
+def test_blank_and_missing_cells_are_none():
+    frame = pd.DataFrame({
+        "timestamp": ["2023-06-02T12:26:36Z"] * 4, "name": ["upload"] * 4,
+        "meta.vsn": ["W056", None, " W057 ", ""], "meta.filename": ["a.jpg", "b.jpg", " c.jpg", "d.jpg"],
+        "meta.position": [5, None, "  ", " 7 "], "meta.node": ["ABCD", None, "", "x"],
+    })
+    records, count = read_upload_records(frame, "f")
+    assert count == 2  # rows without a VSN are not uploads of a frame
+    assert [(r.vsn, r.filename, r.position_label, r.node_id) for r in records] == [
+        ("W056", "a.jpg", "5", "abcd"), ("W057", "c.jpg", None, None)]
