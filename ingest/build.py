@@ -179,7 +179,7 @@ class _Settled:
 
 
 def _settle(files: list[RawFile], recorded: pa.Table) -> _Settled:
-    if recorded.num_rows == 0:
+    if recorded.num_rows == 0 or not files:
         return _Settled(list(files), 0, Counter(), len(files), {})
     # Columns aligned with the scan (Arrow's hash lookup, not a Python dict of every recorded file).
     where = pc.index_in(pa.array([f.path for f in files], pa.string()),

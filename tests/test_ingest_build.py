@@ -182,6 +182,15 @@ def test_incremental_runs(raw_copy, tmp_path, truth):
     assert q(dataset, "SELECT count(*) AS n, count(DISTINCT path) AS d FROM files")[0] == {"n": total, "d": total}
 
 
+def test_an_emptied_raw_commits_an_empty_run(built_copy, tmp_path):
+    # An unmounted or emptied RAW: nothing to plan, nothing lost from the catalog.
+    before = q(built_copy, "SELECT count(*) AS n FROM samples")
+    (tmp_path / "empty").mkdir()
+    summary = build_shards(tmp_path / "empty", built_copy, INGEST, **QUIET)
+    assert (summary.files_seen, summary.files_new, summary.samples_added) == (0, 0, 0)
+    assert q(built_copy, "SELECT count(*) AS n FROM samples") == before
+
+
 def test_real_v017_metadata_and_fixture_files(tmp_path):
     """The real V017 upload table drives positions and node ids; the real NDJSON responses load as metadata."""
     from tests.conftest import fixtures_dir

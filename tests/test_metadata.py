@@ -1,7 +1,8 @@
 import numpy as np
 import pandas as pd
+import pytest
 
-from ingest.metadata import read_metadata_frame, read_upload_records, upload_records
+from ingest.metadata import MetadataError, read_metadata_frame, read_upload_records, upload_records
 from tests.conftest import fixtures_dir
 
 
@@ -56,3 +57,16 @@ def test_blank_and_missing_cells_are_none():
     assert count == 2  # rows without a VSN are not uploads of a frame
     assert [(r.vsn, r.filename, r.position_label, r.node_id) for r in records] == [
         ("W056", "a.jpg", "5", "abcd"), ("W057", "c.jpg", None, None)]
+
+
+def test_a_quote_left_open_rejects_the_file(tmp_path):
+    # A truncated download can end inside a quoted value; reading on to the end of the file would turn the next
+    # rows into one record's position.
+    path = tmp_path / "uploads.csv"
+    path.write_text(
+        ",timestamp,name,value,meta.vsn,meta.filename,meta.position\n"
+        '0,2023-06-02T12:26:36Z,upload,u,W056,1685708796600423152-640x480.jpg,"5\n'
+        "1,2023-06-02T12:26:56Z,upload,u,W056,1685708816600423152-640x480.jpg,7\n"
+    )
+    with pytest.raises(MetadataError, match="uploads.csv"):
+        read_metadata_frame(path)
