@@ -4,8 +4,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 DEMO   := demo
 FRAMES ?= 160
-# Visits of 4 frames and a 20% test split: the test split holds about 16 node-days, so k-NN on day/night is not
-# decided by 4 of them.
+# Visits of 4 frames and a 20% test split: the test split holds 14 node-days (64 samples), so k-NN on day/night is
+# not decided by 4 of them.
 VISIT_FRAMES ?= 4
 DEMO_INGEST ?= [split]\ntrain = 0.7\nval = 0.1\ntest = 0.2\n
 WORKERS ?= $(shell nproc)

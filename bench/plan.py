@@ -51,7 +51,8 @@ def skeleton_raw(raw: Path, frames: int, seed: int) -> int:
     config = SynthConfig(nodes=12, frames=max(1, frames // 12), seed=seed, start="2023-01-01", end="2023-12-31",
                          visit_frames=32)
     metadata = []
-    for spec in plan_frames(config):
+    specs = plan_frames(config)
+    for spec in specs:
         names = frame_filenames(spec)
         paths = {kind: f"{spec.vsn}/{spec.ts_ns}-{name}" for kind, name in names.items()}
         (raw / spec.vsn).mkdir(parents=True, exist_ok=True)
@@ -66,7 +67,7 @@ def skeleton_raw(raw: Path, frames: int, seed: int) -> int:
     frame.to_csv(raw / "metadata" / f"uploads-{seed:04d}.csv")
     if not (raw / "nodes.csv").exists():  # later batches: the same nodes
         _write_nodes_csv(raw / "nodes.csv", config)
-    return len(plan_frames(config))
+    return len(specs)
 
 
 def stand_in_write_share(tasks, raw_dir, config, workers, work_dir, tag, progress=True) -> ShareOutcome:

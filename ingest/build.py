@@ -37,7 +37,7 @@ from catalog.store import DatasetLayout, dataset_lock, write_parts
 from ingest.config import IngestConfig
 from ingest.frames import FileDecision, FrameTask, RawFile, metadata_file_kind, plan_frames
 from ingest.metadata import MetadataError, UploadRecord, read_metadata_frame, read_upload_records
-from ingest.naming import ROLE_OTHER, ROLE_RGB, ROLE_THERMAL, classify_name, is_sky_position
+from ingest.naming import ROLE_OTHER, ROLE_RGB, ROLE_THERMAL, classify_name, is_sky_position, parse_raw_path
 from ingest.process import FrameResult
 from ingest.share import ShareOutcome, split_by_bytes, write_share
 from shards.layout import MEMBERS, shard_index, shard_name
@@ -117,15 +117,12 @@ def _load_uploads(raw_dir: Path, files: list[RawFile], to_plan: list[RawFile]) -
     file's status."""
     timestamps = None  # every record: the run plans every file
     if len(to_plan) < len(files):
-        # A superset of the timestamps parse_raw_path finds (the digits before a name's first '-'): cheaper, and
-        # an extra timestamp only makes a record nobody looks up.
-        stems = (f.path.rpartition("/")[2].partition("-")[0] for f in to_plan)
-        stamps = [int(s) for s in stems if s.isdecimal() and len(s) <= 20]
-        timestamps = np.unique(np.array([t for t in stamps if t < 2**63], np.int64))  # records hold int64
+        stamps = {p.ts_ns for f in to_plan if (p := parse_raw_path(f.path)) is not None}
+        timestamps = np.array(sorted(t for t in stamps if t < 2**63), np.int64)  # records hold int64 ns
     uploads: dict[tuple[str, int, str], UploadRecord] = {}
     status: dict[str, tuple[str, str | None, str | None]] = {}
     for raw in files:
-        if not raw.path.startswith("metadata/") or metadata_file_kind(raw.path) != "metadata":
+        if metadata_file_kind(raw.path) != "metadata":
             continue
         try:
             records, count = read_upload_records(read_metadata_frame(raw_dir / raw.path), raw.path, timestamps,
