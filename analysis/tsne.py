@@ -13,11 +13,13 @@ Measured on the 2-core machine, bench/analysis.py's 100k x 50 (300 blobs + 3% ba
 machine: the whole map 166 s = kNN 24.1 (torch's import included; 15-18 s for the search itself) + affinities 3.4 +
 125 + 500 iterations 136.8; KL 2.2775, a point's nearest map point from its own blob 96.8%. With openTSNE's 250
 early iterations the iterations took 155.7 s (234.8 CPU-s, against 135.2 s / 196.8 CPU-s for 125, same run pair)
-for the same KL (2.2773) and figure (96.8%); the whole map was 183-186 s. So the 150 s target is missed by ~16 s.
+for the same KL (2.2773) and figure (96.8%); the whole map was 183-186 s. So the 150 s target was missed by ~16 s.
 Where an iteration goes: a late one (map span ~177) costs 0.29-0.35 s, of which the repulsive FFT term is 0.20-0.29 s
 on ONE thread whatever n_jobs (openTSNE runs its interpolation and FFT serially; the PyPI wheel uses numpy's
 single-threaded pocketfft, FFTW only when built from source against it, and openTSNE never turns on FFTW's threads)
-and the attractive term over P's 126 entries a row 80-90 ms on two threads (126-173 ms on one). Tried and not kept:
+and the attractive term over P's 126 entries a row 80-90 ms on two threads (126-173 ms on one). Both are outside the
+GIL, so :class:`OverlappedFFTGradient` runs them at once (the attractive term on the other core): a late iteration
+0.28 s, the 625 iterations 112 s instead of 138 s, the whole map 142 s (KL 2.2801, 96.8%). Tried and not kept:
 ``ints_in_interval`` 2 (the FFT term 3.4x cheaper on the late grid, but KL 2.407 after the 500 iterations and worse
 KL at equal CPU-seconds all along; openTSNE's maintainers found coarser grids slow convergence too), stopping the
 normal phase early (the nearest-point figure is flat from ~150 normal iterations on, but KL is still falling 1% per
@@ -37,6 +39,7 @@ Writes into the checkpoint's results directory:
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -71,6 +74,48 @@ SERIAL_BELOW = 10_000
 def _openmp_jobs(n_jobs: int) -> int:
     """The project's n_jobs (0 = every core) as openTSNE's (-1 = every core)."""
     return -1 if n_jobs <= 0 else int(n_jobs)
+
+
+class OverlappedFFTGradient:
+    """openTSNE's FFT objective (``kl_divergence_fft``) with its two halves at once: the repulsive term, which openTSNE
+    runs on one thread whatever n_jobs (interpolation and numpy's FFT, both outside the GIL), on a second Python
+    thread, while the attractive term over P's nonzeros uses the other ``n_jobs - 1`` threads. openTSNE runs them one
+    after the other, so on 2 cores one core idled through the repulsive term: at 100k points a late iteration was
+    0.34 s in sequence and 0.28 s overlapped (the repulsive term alone 0.27 s).
+
+    A callable objective is openTSNE's own extension point (``negative_gradient_method``); this one computes the same
+    gradient and KL divergence, summed in another order (the tests compare it with openTSNE's to 1e-12).
+    """
+
+    def __init__(self, n_jobs: int):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.attractive_threads = max(int(n_jobs) - 1, 1)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tsne-repulsive")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+    def __call__(self, embedding, P, dof, fft_params, reference_embedding=None, should_eval_error=False, **_):
+        from openTSNE import _tsne
+        from openTSNE.tsne import EPSILON, kl_divergence_fft
+
+        if reference_embedding is not None or embedding.ndim != 2 or embedding.shape[1] != 2:
+            # Adding points to a map, or not a 2-D map: openTSNE's own, in sequence.
+            return kl_divergence_fft(embedding, P, dof, fft_params, reference_embedding, should_eval_error,
+                                     n_jobs=self.attractive_threads + 1)
+        repulsive = np.zeros_like(embedding, dtype=np.float64, order="C")
+        attractive = np.zeros_like(embedding, dtype=np.float64, order="C")
+        sum_q = self._pool.submit(_tsne.estimate_negative_gradient_fft_2d, embedding, repulsive, **fft_params,
+                                  dof=dof)
+        sum_p, kl_divergence = _tsne.estimate_positive_gradient_nn(
+            P.indices, P.indptr, P.data, embedding, embedding, attractive, dof,
+            num_threads=self.attractive_threads, should_eval_error=should_eval_error)
+        sum_q = sum_q.result()
+        if should_eval_error:
+            kl_divergence += sum_p * np.log(sum_q + EPSILON)
+        repulsive += attractive
+        return kl_divergence, repulsive
 
 
 def _neighbours(x: np.ndarray, k: int, n_jobs: int) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -119,7 +164,7 @@ def _embed(features: np.ndarray, perplexity: float, n_jobs: int, seed: int, prog
         n_jobs = 1
     jobs = _openmp_jobs(n_jobs)
     early_iter = FFT_EARLY_ITER if n >= FFT_EARLY_ITER_FROM else EARLY_EXAGGERATION_ITER
-    bar = None
+    bar, overlapped = None, None
     if progress:
         from tqdm import tqdm
 
@@ -149,16 +194,23 @@ def _embed(features: np.ndarray, perplexity: float, n_jobs: int, seed: int, prog
                 return False
 
             callbacks = [tick]
+        # From SERIAL_BELOW points up openTSNE's FFT objective is what it would pick; with two threads or more, the
+        # same objective with its halves overlapped.
+        overlapped = OverlappedFFTGradient(n_jobs if n_jobs > 0 else os.cpu_count() or 1) \
+            if n >= SERIAL_BELOW and jobs != 1 else None
         tsne = TSNE(n_components=2, perplexity=perplexity, early_exaggeration_iter=early_iter,
                     n_iter=N_ITER, initialization="pca", n_jobs=jobs, random_state=seed, callbacks=callbacks,
-                    callbacks_every_iters=every, verbose=False)
+                    callbacks_every_iters=every, verbose=False,
+                    negative_gradient_method=overlapped if overlapped is not None else "auto")
         embedding = tsne.fit(x, affinities=affinities)
         t3 = time.perf_counter()
     finally:
         if bar is not None:
             bar.close()
+        if overlapped is not None:
+            overlapped.close()
     details = {"perplexity": perplexity, "k": k, "knn": knn, **knn_details, "early_exaggeration_iter": early_iter,
-               "n_iter": N_ITER, "knn_seconds": round(t1 - t0, 2),
+               "n_iter": N_ITER, "overlapped_gradient": overlapped is not None, "knn_seconds": round(t1 - t0, 2),
                "affinity_seconds": round(t2 - t1, 2), "optimise_seconds": round(t3 - t2, 2),
                "kl_divergence": float(embedding.kl_divergence) if embedding.kl_divergence is not None else None}
     return np.asarray(embedding, dtype=np.float32), details

@@ -224,7 +224,8 @@ def bench_tsne(scale: float, seed: int) -> list[str]:
         f"{agree:.1%}",
         f"t-SNE stages: exact {details['k']}-NN ({details['knn_method']}) {details['knn_seconds']:.1f} s, affinities "
         f"{details['affinity_seconds']:.1f} s, openTSNE's {details['early_exaggeration_iter']} early-exaggeration + "
-        f"{details['n_iter']} iterations {details['optimise_seconds']:.1f} s (final KL divergence "
+        f"{details['n_iter']} iterations {details['optimise_seconds']:.1f} s"
+        f"{', attractive and repulsive terms overlapped' if details['overlapped_gradient'] else ''} (final KL divergence "
         f"{details['kl_divergence']:.4f})",
         f"while t-SNE ran, {summary}",
     ]

@@ -91,6 +91,47 @@ def test_large_maps_run_the_shorter_early_exaggeration(monkeypatch):
     assert large["kl_divergence"] is not None and np.isfinite(large["kl_divergence"])
 
 
+@pytest.mark.parametrize("n_jobs", [2, 3])
+def test_the_overlapped_objective_is_opentsnes(n_jobs):
+    import scipy.sparse as sparse
+    from openTSNE.tsne import kl_divergence_fft
+
+    rng = np.random.default_rng(4)
+    n, k = 2_000, 15
+    embedding = rng.normal(scale=20, size=(n, 2))
+    p = sparse.csr_matrix((rng.random(n * k), (np.repeat(np.arange(n), k), rng.integers(0, n, n * k))), shape=(n, n))
+    p /= p.sum()
+    fft_params = {"n_interpolation_points": 3, "min_num_intervals": 50, "ints_in_interval": 1}
+    objective = tsne_module.OverlappedFFTGradient(n_jobs)
+    try:
+        for evaluate in (True, False):
+            kl, gradient = objective(embedding, p, 1, fft_params, should_eval_error=evaluate)
+            expected_kl, expected = kl_divergence_fft(embedding, p, 1, fft_params, should_eval_error=evaluate, n_jobs=1)
+            np.testing.assert_allclose(gradient, expected, rtol=1e-12, atol=1e-15)
+            assert kl == pytest.approx(expected_kl, rel=1e-12)
+        # A 1-D map (or adding points to an existing map) goes to openTSNE's own objective.
+        line = np.ascontiguousarray(embedding[:, :1])
+        np.testing.assert_array_equal(objective(line, p, 1, fft_params)[1],
+                                      kl_divergence_fft(line, p, 1, fft_params, n_jobs=n_jobs)[1])
+    finally:
+        objective.close()
+
+
+def test_large_maps_on_two_threads_overlap_the_gradient(monkeypatch):
+    x, labels = blobs(60, 10, 20, seed=5)
+    # Fewer iterations: the FFT objective on 600 points costs ~25 ms an iteration (its grid has 50 intervals or more).
+    monkeypatch.setattr(tsne_module, "N_ITER", 150)
+    monkeypatch.setattr(tsne_module, "FFT_EARLY_ITER_FROM", len(x))
+    monkeypatch.setattr(tsne_module, "FFT_EARLY_ITER", 50)
+    _, serial = tsne_module._embed(x, 10, 2, 0)
+    assert serial["overlapped_gradient"] is False  # below SERIAL_BELOW: one thread, openTSNE's own objective
+    monkeypatch.setattr(tsne_module, "SERIAL_BELOW", len(x))
+    xy, overlapped = tsne_module._embed(x, 10, 2, 0)
+    assert overlapped["overlapped_gradient"] is True
+    assert knn_accuracy(xy, labels) > 0.9 and np.isfinite(overlapped["kl_divergence"])
+    np.testing.assert_allclose(tsne_module._embed(x, 10, 2, 0)[0], xy)  # still repeatable
+
+
 def test_link_distances_of_pairs_and_non_pairs():
     first = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
     second = first + [[1.0, 0.0]]
