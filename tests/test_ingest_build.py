@@ -273,3 +273,38 @@ def test_an_unforeseen_failure_is_a_reject_not_a_crash(monkeypatch, tmp_path):
     task = FrameTask("W056_1", "W056", 1, "W056/1-a.jpg", 1, "W056/1-b.csv", 1, 5, "5", None)
     result = process.process_safely(task, str(tmp_path), IngestConfig())
     assert result.members is None and result.reason == "unreadable" and "MemoryError" in result.detail
+
+
+def _collector_state(queue) -> None:
+    import gc
+
+    queue.put((gc.isenabled(), gc.get_freeze_count() > 0))
+
+
+def test_the_collector_is_paused_while_planning_and_on_in_the_workers(synth_raw, tmp_path):
+    import gc
+    import multiprocessing
+
+    from ingest.build import _collector_for_workers, _collector_paused
+
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    with _collector_paused():
+        assert not gc.isenabled()
+        with _collector_for_workers():
+            # The plan's objects are frozen; a worker forked now starts with the collector on.
+            assert gc.isenabled() and gc.get_freeze_count() > 0
+            worker = context.Process(target=_collector_state, args=(queue,))
+            worker.start()
+            worker.join()
+            assert queue.get(timeout=10) == (True, True)
+        assert not gc.isenabled() and gc.get_freeze_count() == 0
+    assert gc.isenabled()
+    # A build leaves the collector as it found it, disabled or not.
+    for enabled in (False, True):
+        (gc.enable if enabled else gc.disable)()
+        try:
+            build_shards(synth_raw, tmp_path / f"dataset-{enabled}", INGEST, progress=False, log=lambda message: None)
+            assert gc.isenabled() is enabled and gc.get_freeze_count() == 0
+        finally:
+            gc.enable()
