@@ -7,16 +7,18 @@ Only ``name == "upload"`` rows with a ``meta.filename`` describe files; other me
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-__all__ = ["UploadRecord", "MetadataError", "read_metadata_frame", "upload_records", "read_upload_records", "METADATA_SUFFIXES", "QUERY_RECORD_SUFFIX", "text_or_none", "column_values"]
+__all__ = ["UploadRecord", "MetadataError", "read_metadata_frame", "upload_records", "read_upload_records", "METADATA_SUFFIXES", "QUERY_RECORD_SUFFIX", "UPLOAD_COLUMNS", "text_or_none", "column_values"]
 
 METADATA_SUFFIXES = (".csv", ".ndjson", ".ndjson.gz", ".json", ".json.gz", ".parquet")
+# The columns upload records are made of (see read_upload_records).
+UPLOAD_COLUMNS = ("timestamp", "name", "meta.vsn", "meta.filename", "meta.position", "meta.node", "meta.plugin")
 # What `ingest download` writes beside its Parquet: the query that produced it (not a query result).
 QUERY_RECORD_SUFFIX = ".query.json"
 
@@ -36,8 +38,14 @@ class UploadRecord:
     source: str  # metadata file it came from (relative to RAW)
 
 
-def read_metadata_frame(path: Path) -> pd.DataFrame:
-    """The sage_data_client DataFrame stored at ``path``; raises MetadataError naming the file."""
+def read_metadata_frame(path: Path, columns: Collection[str] | None = None) -> pd.DataFrame:
+    """The sage_data_client DataFrame stored at ``path``; raises MetadataError naming the file.
+
+    ``columns``: the columns the caller needs (``UPLOAD_COLUMNS`` for upload records). CSV and Parquet files are
+    then read without the others, above all ``value``, a long URL a row that records never use (on bench/plan.py's
+    457k-row CSV: 3.0 -> 1.5 s, and a peak of 640 -> 300 MB). A CSV is still parsed whole, so a damaged one is
+    still rejected.
+    """
     name = path.name.lower()
     try:
         if name.endswith((".ndjson", ".ndjson.gz", ".json", ".json.gz")):
@@ -45,13 +53,20 @@ def read_metadata_frame(path: Path) -> pd.DataFrame:
 
             frame = sage_data_client.load(path)
         elif name.endswith(".parquet"):
-            frame = pd.read_parquet(path)
+            if columns is not None:
+                import pyarrow.parquet as pq
+
+                present = pq.read_schema(path).names
+                columns = [c for c in present if c in set(columns)]
+            frame = pd.read_parquet(path, columns=columns)
         elif name.endswith(".csv"):
             # pandas' own reader, not Arrow's (4x faster): Arrow takes a quote left open by a truncated download
-            # as a value running to the end of the file, where this reader fails and the file is rejected.
-            frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+            # as a value running to the end of the file, where this reader fails and the file is rejected. With
+            # ``usecols`` it still reads every field; it keeps the columns asked for and the unnamed index column.
+            wanted = None if columns is None else (lambda c, keep=set(columns): c in keep or _index_column(c))
+            frame = pd.read_csv(path, dtype=str, keep_default_na=False, usecols=wanted)
             first = frame.columns[0] if len(frame.columns) else ""
-            if first == "" or str(first).startswith("Unnamed"):
+            if _index_column(first):
                 frame = frame.drop(columns=first)  # the index column df.to_csv() writes
         else:
             raise MetadataError(f"{path}: not a metadata file (expected one of {', '.join(METADATA_SUFFIXES)})")
@@ -63,6 +78,11 @@ def read_metadata_frame(path: Path) -> pd.DataFrame:
     if missing:
         raise MetadataError(f"{path}: missing column(s) {', '.join(missing)}; columns are {list(frame.columns)}")
     return frame
+
+
+def _index_column(name: object) -> bool:
+    """The unnamed index column ``df.to_csv()`` writes first, as pandas names it when it reads the file back."""
+    return name == "" or str(name).startswith("Unnamed")
 
 
 def text_or_none(value: object) -> str | None:
@@ -78,12 +98,23 @@ def column_values(frame: pd.DataFrame, name: str) -> list:
     return frame[name].tolist() if name in frame.columns else [None] * len(frame)
 
 
-def _texts(frame: pd.DataFrame, name: str) -> np.ndarray:
-    """A column as stripped text (None for NaN, None and empty cells, as :func:`text_or_none`), all rows at once."""
+def _texts(frame: pd.DataFrame, name: str, rows: np.ndarray, lower: bool = False) -> np.ndarray:
+    """A column's cells at ``rows`` as stripped text (None for NaN, None and empty cells, as :func:`text_or_none`;
+    lower-cased with ``lower``), as an object array.
+
+    Each distinct value becomes one Python string, shared by every row that holds it: a year of uploads repeats a
+    dozen VSNs, node ids and plugins and a few dozen file names hundreds of thousands of times. (One string a
+    cell, as before, cost 2 s and ~600 MB of rank 0's peak on bench/plan.py's 457k upload records.)
+    """
     if name not in frame.columns:
-        return np.full(len(frame), None, dtype=object)
-    text = frame[name].astype("string").str.strip()
-    return text.where(text != "").to_numpy(dtype=object, na_value=None)
+        return np.full(len(rows), None, dtype=object)
+    codes, distinct = pd.factorize(frame[name], use_na_sentinel=True)
+    texts = [text_or_none(value) for value in distinct]
+    if lower:
+        texts = [text.lower() if text is not None else None for text in texts]
+    values = np.empty(len(texts) + 1, dtype=object)
+    values[:-1] = texts  # the last stays None: the code of a missing cell is -1
+    return values[codes[rows]]
 
 
 def upload_records(frame: pd.DataFrame, source: str) -> list[UploadRecord]:
@@ -99,27 +130,26 @@ def read_upload_records(
     upload a RAW has ever had."""
     if "meta.filename" not in frame.columns or len(frame) == 0:
         return [], 0
-    uploads = frame[frame["name"].astype(str) == "upload"]
+    uploads = np.flatnonzero((frame["name"].astype(str) == "upload").to_numpy())
     if len(uploads) == 0:
         return [], 0
     try:
-        stamps = pd.to_datetime(uploads["timestamp"], utc=True, format="ISO8601")
+        stamps = pd.to_datetime(frame["timestamp"].iloc[uploads], utc=True, format="ISO8601")
     except (ValueError, TypeError) as exc:
         raise MetadataError(f"{source}: unreadable timestamps: {exc}") from None
     # pandas 3 parses whole-second stamps to datetime64[us]; the join key is integer nanoseconds.
     ts_ns = stamps.dt.as_unit("ns").astype("int64").to_numpy()
-    vsn, filename = _texts(uploads, "meta.vsn"), _texts(uploads, "meta.filename")
+    vsn, filename = _texts(frame, "meta.vsn", uploads), _texts(frame, "meta.filename", uploads)
     present = (vsn != None) & (filename != None)  # noqa: E711 - elementwise on object arrays
     wanted = present if timestamps is None else present & np.isin(ts_ns, timestamps)
     rows = np.flatnonzero(wanted)
     if keep_name is not None:
         rows = rows[np.fromiter((keep_name(name) for name in filename[rows]), bool, len(rows))]
-    position, node, plugin = (_texts(uploads, c) for c in ("meta.position", "meta.node", "meta.plugin"))
+    position, plugin = _texts(frame, "meta.position", uploads), _texts(frame, "meta.plugin", uploads)
+    node = _texts(frame, "meta.node", uploads, lower=True)
     records = [
-        UploadRecord(
-            vsn=vsn[i], ts_ns=int(ts_ns[i]), filename=filename[i], position_label=position[i],
-            node_id=node[i].lower() if node[i] else None, plugin=plugin[i], source=source,
-        )
+        UploadRecord(vsn=vsn[i], ts_ns=int(ts_ns[i]), filename=filename[i], position_label=position[i],
+                     node_id=node[i], plugin=plugin[i], source=source)
         for i in rows
     ]
     return records, int(present.sum())

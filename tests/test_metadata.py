@@ -2,7 +2,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ingest.metadata import MetadataError, read_metadata_frame, read_upload_records, upload_records
+from ingest.metadata import UPLOAD_COLUMNS, MetadataError, read_metadata_frame, read_upload_records, upload_records
 from tests.conftest import fixtures_dir
 
 
@@ -70,3 +70,15 @@ def test_a_quote_left_open_rejects_the_file(tmp_path):
     )
     with pytest.raises(MetadataError, match="uploads.csv"):
         read_metadata_frame(path)
+    with pytest.raises(MetadataError, match="uploads.csv"):  # also when the damaged column is not asked for
+        read_metadata_frame(path, ("timestamp", "name", "meta.vsn", "meta.filename"))
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_only_the_columns_asked_for(tmp_path, suffix):
+    frame = read_metadata_frame(fixtures_dir() / "konza-notebook_V017_mobotix-scan_upload_meta_EXTRACTED.csv")
+    path = tmp_path / f"uploads{suffix}"
+    frame.to_csv(path) if suffix == ".csv" else frame.to_parquet(path)
+    narrow = read_metadata_frame(path, UPLOAD_COLUMNS + ("meta.not_in_the_file",))
+    assert list(narrow.columns) == [c for c in frame.columns if c in UPLOAD_COLUMNS] and "value" in frame.columns
+    assert upload_records(narrow, "f") == upload_records(frame, "f") and len(upload_records(frame, "f")) == 48
