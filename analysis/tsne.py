@@ -78,19 +78,23 @@ def _openmp_jobs(n_jobs: int) -> int:
 
 class OverlappedFFTGradient:
     """openTSNE's FFT objective (``kl_divergence_fft``) with its two halves at once: the repulsive term, which openTSNE
-    runs on one thread whatever n_jobs (interpolation and numpy's FFT, both outside the GIL), on a second Python
-    thread, while the attractive term over P's nonzeros uses the other ``n_jobs - 1`` threads. openTSNE runs them one
-    after the other, so on 2 cores one core idled through the repulsive term: at 100k points a late iteration was
-    0.34 s in sequence and 0.28 s overlapped (the repulsive term alone 0.27 s).
+    runs on one thread whatever n_jobs, on a second Python thread, while the attractive term over P's nonzeros uses
+    the other ``n_jobs - 1`` threads. openTSNE runs them one after the other, so on 2 cores one core idled through
+    the repulsive term: at 100k points a late iteration was 0.34 s in sequence and 0.28 s overlapped (the repulsive
+    term alone 0.27 s). The attractive term releases the GIL; the repulsive one holds it for about half its run,
+    which the attractive term does not need.
 
     A callable objective is openTSNE's own extension point (``negative_gradient_method``); this one computes the same
-    gradient and KL divergence, summed in another order (the tests compare it with openTSNE's to 1e-12).
+    gradient and KL divergence, summed in another order (the tests compare it with openTSNE's to 1e-12). It makes
+    maps only: adding points to a map (``transform``) needs the interpolation grid openTSNE prepares for its own
+    objective alone, so that raises here.
     """
 
     def __init__(self, n_jobs: int):
         from concurrent.futures import ThreadPoolExecutor
 
-        self.attractive_threads = max(int(n_jobs) - 1, 1)
+        self.n_jobs = max(int(n_jobs), 1)
+        self.attractive_threads = max(self.n_jobs - 1, 1)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tsne-repulsive")
 
     def close(self) -> None:
@@ -100,10 +104,10 @@ class OverlappedFFTGradient:
         from openTSNE import _tsne
         from openTSNE.tsne import EPSILON, kl_divergence_fft
 
-        if reference_embedding is not None or embedding.ndim != 2 or embedding.shape[1] != 2:
-            # Adding points to a map, or not a 2-D map: openTSNE's own, in sequence.
-            return kl_divergence_fft(embedding, P, dof, fft_params, reference_embedding, should_eval_error,
-                                     n_jobs=self.attractive_threads + 1)
+        if reference_embedding is not None:
+            raise ValueError("OverlappedFFTGradient makes maps; add points to one with openTSNE's own 'fft' objective")
+        if embedding.ndim != 2 or embedding.shape[1] != 2:  # not a 2-D map: openTSNE's own, in sequence
+            return kl_divergence_fft(embedding, P, dof, fft_params, None, should_eval_error, n_jobs=self.n_jobs)
         repulsive = np.zeros_like(embedding, dtype=np.float64, order="C")
         attractive = np.zeros_like(embedding, dtype=np.float64, order="C")
         sum_q = self._pool.submit(_tsne.estimate_negative_gradient_fft_2d, embedding, repulsive, **fft_params,
@@ -196,8 +200,8 @@ def _embed(features: np.ndarray, perplexity: float, n_jobs: int, seed: int, prog
             callbacks = [tick]
         # From SERIAL_BELOW points up openTSNE's FFT objective is what it would pick; with two threads or more, the
         # same objective with its halves overlapped.
-        overlapped = OverlappedFFTGradient(n_jobs if n_jobs > 0 else os.cpu_count() or 1) \
-            if n >= SERIAL_BELOW and jobs != 1 else None
+        threads = n_jobs if n_jobs > 0 else os.cpu_count() or 1
+        overlapped = OverlappedFFTGradient(threads) if n >= SERIAL_BELOW and threads > 1 else None
         tsne = TSNE(n_components=2, perplexity=perplexity, early_exaggeration_iter=early_iter,
                     n_iter=N_ITER, initialization="pca", n_jobs=jobs, random_state=seed, callbacks=callbacks,
                     callbacks_every_iters=every, verbose=False,

@@ -364,14 +364,18 @@ def _collector_paused() -> Iterator[None]:
 def _collector_for_workers() -> Iterator[None]:
     """The decode, inside :func:`_collector_paused`: the plan's objects frozen (no collection walks them), the
     collector on, so the forked workers start with it on (they catch exceptions, whose tracebacks are cycles) and
-    never write to the pages of the parent's objects they share (Python's documented advice for ``gc.freeze``)."""
-    gc.freeze()
+    never write to the pages of the parent's objects they share (Python's documented advice for ``gc.freeze``).
+    Objects a caller froze before stay frozen: then nothing more is frozen, since unfreezing is all or nothing."""
+    freeze = gc.get_freeze_count() == 0
+    if freeze:
+        gc.freeze()
     gc.enable()
     try:
         yield
     finally:
         gc.disable()
-        gc.unfreeze()
+        if freeze:
+            gc.unfreeze()
 
 
 def build_shards(

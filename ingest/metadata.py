@@ -41,10 +41,9 @@ class UploadRecord:
 def read_metadata_frame(path: Path, columns: Collection[str] | None = None) -> pd.DataFrame:
     """The sage_data_client DataFrame stored at ``path``; raises MetadataError naming the file.
 
-    ``columns``: the columns the caller needs (``UPLOAD_COLUMNS`` for upload records). CSV and Parquet files are
-    then read without the others, above all ``value``, a long URL a row that records never use (on bench/plan.py's
-    457k-row CSV: 3.0 -> 1.5 s, and a peak of 640 -> 300 MB). A CSV is still parsed whole, so a damaged one is
-    still rejected.
+    ``columns``: the columns the caller needs (``UPLOAD_COLUMNS`` for upload records); the others are left out,
+    above all ``value``, a long URL a row that records never use. Parquet files are read for those columns only; a
+    CSV is parsed whole, so that a damaged row still rejects the file.
     """
     name = path.name.lower()
     try:
@@ -61,13 +60,17 @@ def read_metadata_frame(path: Path, columns: Collection[str] | None = None) -> p
             frame = pd.read_parquet(path, columns=columns)
         elif name.endswith(".csv"):
             # pandas' own reader, not Arrow's (4x faster): Arrow takes a quote left open by a truncated download
-            # as a value running to the end of the file, where this reader fails and the file is rejected. With
-            # ``usecols`` it still reads every field; it keeps the columns asked for and the unnamed index column.
-            wanted = None if columns is None else (lambda c, keep=set(columns): c in keep or _index_column(c))
-            frame = pd.read_csv(path, dtype=str, keep_default_na=False, usecols=wanted)
+            # as a value running to the end of the file, where this reader fails and the file is rejected. Every
+            # column, not ``usecols``: with it, pandas stops checking that no row has more fields than the header
+            # (an unquoted comma in a URL, two lines glued together), and such a row would be read shifted.
+            # dtype object, not str: pandas 3 turns str columns into Arrow strings cell by cell (on bench/plan.py's
+            # 457k-row CSV: 1.2 s and a peak of 470 MB as object, 3.2 s and 650 MB as str).
+            frame = pd.read_csv(path, dtype=object, keep_default_na=False)
             first = frame.columns[0] if len(frame.columns) else ""
             if _index_column(first):
                 frame = frame.drop(columns=first)  # the index column df.to_csv() writes
+            if columns is not None:
+                frame = frame[[c for c in frame.columns if c in set(columns)]]
         else:
             raise MetadataError(f"{path}: not a metadata file (expected one of {', '.join(METADATA_SUFFIXES)})")
     except MetadataError:
@@ -109,12 +112,18 @@ def _texts(frame: pd.DataFrame, name: str, rows: np.ndarray, lower: bool = False
     if name not in frame.columns:
         return np.full(len(rows), None, dtype=object)
     codes, distinct = pd.factorize(frame[name], use_na_sentinel=True)
-    texts = [text_or_none(value) for value in distinct]
+    if all(isinstance(value, str) for value in distinct):
+        texts, codes = [text_or_none(value) for value in distinct], codes[rows]
+    else:  # numbers or booleans, which a hash takes as one value (1, 1.0 and True; 0.0 and -0.0): cell by cell
+        missing = codes[rows] == -1  # NaN, None, pd.NA, NaT
+        cells = frame[name].to_numpy(dtype=object)[rows]
+        texts = [None if gap else text_or_none(value) for value, gap in zip(cells, missing)]
+        codes = np.arange(len(rows))
     if lower:
         texts = [text.lower() if text is not None else None for text in texts]
     values = np.empty(len(texts) + 1, dtype=object)
     values[:-1] = texts  # the last stays None: the code of a missing cell is -1
-    return values[codes[rows]]
+    return values[codes]
 
 
 def upload_records(frame: pd.DataFrame, source: str) -> list[UploadRecord]:

@@ -109,10 +109,12 @@ def test_the_overlapped_objective_is_opentsnes(n_jobs):
             expected_kl, expected = kl_divergence_fft(embedding, p, 1, fft_params, should_eval_error=evaluate, n_jobs=1)
             np.testing.assert_allclose(gradient, expected, rtol=1e-12, atol=1e-15)
             assert kl == pytest.approx(expected_kl, rel=1e-12)
-        # A 1-D map (or adding points to an existing map) goes to openTSNE's own objective.
+        # A 1-D map goes to openTSNE's own objective.
         line = np.ascontiguousarray(embedding[:, :1])
         np.testing.assert_array_equal(objective(line, p, 1, fft_params)[1],
                                       kl_divergence_fft(line, p, 1, fft_params, n_jobs=n_jobs)[1])
+        with pytest.raises(ValueError, match="makes maps"):  # adding points to a map: a clear error, not a crash
+            objective(embedding[:10], p[:10], 1, fft_params, reference_embedding=embedding)
     finally:
         objective.close()
 

@@ -300,6 +300,15 @@ def test_the_collector_is_paused_while_planning_and_on_in_the_workers(synth_raw,
             assert queue.get(timeout=10) == (True, True)
         assert not gc.isenabled() and gc.get_freeze_count() == 0
     assert gc.isenabled()
+    # What a caller froze stays frozen.
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        with _collector_paused(), _collector_for_workers():
+            assert gc.get_freeze_count() == frozen
+        assert gc.get_freeze_count() == frozen
+    finally:
+        gc.unfreeze()
     # A build leaves the collector as it found it, disabled or not.
     for enabled in (False, True):
         (gc.enable if enabled else gc.disable)()

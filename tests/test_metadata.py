@@ -74,6 +74,18 @@ def test_a_quote_left_open_rejects_the_file(tmp_path):
         read_metadata_frame(path, ("timestamp", "name", "meta.vsn", "meta.filename"))
 
 
+def test_a_row_with_a_field_too_many_rejects_the_file(tmp_path):
+    # An unquoted comma in a URL (or two lines glued together) would shift the row's fields into the wrong columns.
+    path = tmp_path / "uploads.csv"
+    stamp = "2023-06-02 12:26:36+00:00"
+    path.write_text("timestamp,name,value,meta.filename,meta.vsn,meta.node,meta.position,meta.plugin\n"
+                    f"{stamp},upload,http://x/a,a.jpg,W056,ABC,1,p\n"
+                    f"{stamp},upload,http://x/b?q=1,2,b.jpg,W056,ABC,2,p\n")
+    for columns in (None, UPLOAD_COLUMNS):
+        with pytest.raises(MetadataError, match="uploads.csv.*Expected 8 fields in line 3, saw 9"):
+            read_metadata_frame(path, columns)
+
+
 @pytest.mark.parametrize("suffix", [".csv", ".parquet"])
 def test_only_the_columns_asked_for(tmp_path, suffix):
     frame = read_metadata_frame(fixtures_dir() / "konza-notebook_V017_mobotix-scan_upload_meta_EXTRACTED.csv")
@@ -82,3 +94,16 @@ def test_only_the_columns_asked_for(tmp_path, suffix):
     narrow = read_metadata_frame(path, UPLOAD_COLUMNS + ("meta.not_in_the_file",))
     assert list(narrow.columns) == [c for c in frame.columns if c in UPLOAD_COLUMNS] and "value" in frame.columns
     assert upload_records(narrow, "f") == upload_records(frame, "f") and len(upload_records(frame, "f")) == 48
+
+
+def test_numbers_and_booleans_keep_their_own_text():
+    # A hash takes 1, 1.0 and True (and 0.0 and -0.0) as one value; each cell keeps the text it was written as.
+    frame = pd.DataFrame({
+        "timestamp": ["2023-06-02T12:26:36Z"] * 6, "name": ["upload"] * 6, "meta.vsn": ["W056"] * 6,
+        "meta.filename": [f"{i}.jpg" for i in range(6)],
+        "meta.position": pd.array([1, 1.0, True, 0.0, -0.0, None], dtype=object),
+        "meta.plugin": pd.array([1, 2, None, 4, 5, 6], dtype="Int64"),
+    })
+    records, _ = read_upload_records(frame, "f")
+    assert [r.position_label for r in records] == ["1", "1.0", "True", "0.0", "-0.0", None]
+    assert [r.plugin for r in records] == ["1", "2", None, "4", "5", "6"]
