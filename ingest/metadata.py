@@ -106,8 +106,8 @@ def _texts(frame: pd.DataFrame, name: str, rows: np.ndarray, lower: bool = False
     lower-cased with ``lower``), as an object array.
 
     Each distinct value becomes one Python string, shared by every row that holds it: a year of uploads repeats a
-    dozen VSNs, node ids and plugins and a few dozen file names hundreds of thousands of times. (One string a
-    cell, as before, cost 2 s and ~600 MB of rank 0's peak on bench/plan.py's 457k upload records.)
+    dozen VSNs, node ids and plugins and a few dozen file names hundreds of thousands of times. (With a string a
+    cell, rank 0's peak on bench/plan.py's 100k frames, 457k upload records, was 100-140 MB higher.)
     """
     if name not in frame.columns:
         return np.full(len(rows), None, dtype=object)
