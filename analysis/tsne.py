@@ -198,10 +198,10 @@ def _embed(features: np.ndarray, perplexity: float, n_jobs: int, seed: int, prog
                 return False
 
             callbacks = [tick]
-        # From SERIAL_BELOW points up openTSNE's FFT objective is what it would pick; with two threads or more, the
-        # same objective with its halves overlapped.
+        # With two threads or more (so from SERIAL_BELOW points up, where openTSNE picks its FFT objective), that
+        # objective with its halves overlapped.
         threads = n_jobs if n_jobs > 0 else os.cpu_count() or 1
-        overlapped = OverlappedFFTGradient(threads) if n >= SERIAL_BELOW and threads > 1 else None
+        overlapped = OverlappedFFTGradient(threads) if threads > 1 else None
         tsne = TSNE(n_components=2, perplexity=perplexity, early_exaggeration_iter=early_iter,
                     n_iter=N_ITER, initialization="pca", n_jobs=jobs, random_state=seed, callbacks=callbacks,
                     callbacks_every_iters=every, verbose=False,

@@ -46,17 +46,17 @@ def read_metadata_frame(path: Path, columns: Collection[str] | None = None) -> p
     CSV is parsed whole, so that a damaged row still rejects the file.
     """
     name = path.name.lower()
+    wanted = None if columns is None else set(columns)
     try:
         if name.endswith((".ndjson", ".ndjson.gz", ".json", ".json.gz")):
             import sage_data_client
 
             frame = sage_data_client.load(path)
         elif name.endswith(".parquet"):
-            if columns is not None:
+            if wanted is not None:
                 import pyarrow.parquet as pq
 
-                present = pq.read_schema(path).names
-                columns = [c for c in present if c in set(columns)]
+                columns = [c for c in pq.read_schema(path).names if c in wanted]
             frame = pd.read_parquet(path, columns=columns)
         elif name.endswith(".csv"):
             # pandas' own reader, not Arrow's (4x faster): Arrow takes a quote left open by a truncated download
@@ -69,8 +69,8 @@ def read_metadata_frame(path: Path, columns: Collection[str] | None = None) -> p
             first = frame.columns[0] if len(frame.columns) else ""
             if _index_column(first):
                 frame = frame.drop(columns=first)  # the index column df.to_csv() writes
-            if columns is not None:
-                frame = frame[[c for c in frame.columns if c in set(columns)]]
+            if wanted is not None:
+                frame = frame[[c for c in frame.columns if c in wanted]]
         else:
             raise MetadataError(f"{path}: not a metadata file (expected one of {', '.join(METADATA_SUFFIXES)})")
     except MetadataError:
