@@ -26,10 +26,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 from analysis.config import AttentionConfig
+from analysis.embed import selection_for
+from analysis.results import AttentionResult, result_json, write_result
 from analysis.runs import AnalysisError, RunDir
-from analysis.store import write_json
+from catalog.query import sql_string
+from shards.reader import SelectionReader
+from training.loader import BatchViews, RowBatches
+from training.transforms import GREY_MEAN, GREY_STD, RGB_MEAN, RGB_STD, fit_to_grid
 
 __all__ = ["cls_attention", "threshold_mask", "attention", "ATTENTION_DIR"]
 
@@ -46,8 +54,6 @@ def cls_attention(backbone, images):
     Each row is the softmax over all tokens, so a head's patch values sum to 1 minus what CLS pays to the prefix
     tokens (itself, registers). The model's ``fused_attn`` setting is restored even if the forward fails.
     """
-    import torch
-
     if getattr(backbone, "cls_token", None) is None or not getattr(backbone, "num_prefix_tokens", 0):
         raise AnalysisError(f"{type(backbone).__name__}: no CLS token, so there is no CLS attention to map")
     attn = backbone.blocks[-1].attn
@@ -100,8 +106,6 @@ def threshold_mask(maps, keep: float = 0.6):
     np.put_along_axis(mask, order, kept_ranked, axis=1)
     mask = mask.reshape(values.shape)
     if as_torch:
-        import torch
-
         return torch.from_numpy(mask)
     return mask
 
@@ -110,21 +114,12 @@ def threshold_mask(maps, keep: float = 0.6):
 
 def _pick_keys(run: RunDir, keys: Sequence[str], dataset: str | None):
     """(Selection, dataset root, training config, rows in the order of ``keys``); unknown keys are named."""
-    from analysis.embed import selection_for
-    from catalog.query import sql_string
-
     wanted = list(dict.fromkeys(keys))  # a key asked for twice is drawn once
     if not wanted:
         raise AnalysisError("--keys is empty")
     where = f"key IN ({', '.join(sql_string(k) for k in wanted)})"
-    try:
-        selection, root, config = selection_for(run, where, dataset)
-    except AnalysisError as exc:
-        # selection_for refuses an empty selection; here that means none of the keys exists, which says more.
-        if "selects no samples" not in str(exc):
-            raise
-        root = dataset or run.training_config().data.dataset
-        raise AnalysisError(f"{root}: no sample with key {', '.join(wanted)} in the catalog") from None
+    # An empty selection is not refused there: none of the keys existing is said below, naming them.
+    selection, root, config = selection_for(run, where, dataset, allow_empty=True)
     index = {key: row for row, key in enumerate(selection.column("key").to_pylist())}
     missing = [k for k in wanted if k not in index]
     if missing:
@@ -134,8 +129,6 @@ def _pick_keys(run: RunDir, keys: Sequence[str], dataset: str | None):
 
 def _pick_where(run: RunDir, where: str, count: int, seed: int, dataset: str | None):
     """(Selection, dataset root, training config, rows): the first ``count`` of a seeded random order."""
-    from analysis.embed import selection_for
-
     if count < 1:
         raise AnalysisError(f"attention.count must be >= 1, got {count}")
     selection, root, config = selection_for(run, where, dataset)
@@ -148,8 +141,6 @@ def _pick_where(run: RunDir, where: str, count: int, seed: int, dataset: str | N
 
 def _first_display(first: np.ndarray) -> tuple[np.ndarray, str | None]:
     """The first view (C x H x W, normalised) back to what a person sees: RGB in [0, 1], or grey."""
-    from training.transforms import GREY_MEAN, GREY_STD, RGB_MEAN, RGB_STD
-
     if first.shape[0] == 3:
         image = first * np.asarray(RGB_STD)[:, None, None] + np.asarray(RGB_MEAN)[:, None, None]
         return np.clip(image.transpose(1, 2, 0), 0.0, 1.0), None
@@ -158,8 +149,6 @@ def _first_display(first: np.ndarray) -> tuple[np.ndarray, str | None]:
 
 def _second_display(second: np.ndarray, celsius: np.ndarray | None, data, mode: str) -> tuple[np.ndarray, str, str]:
     """The second view as (image, colour map, label): degrees C for the thermal modes, grey for the control."""
-    from training.transforms import GREY_MEAN, GREY_STD
-
     if mode == "rgb-grey":
         return np.clip(second[0] * GREY_STD + GREY_MEAN, 0.0, 1.0), "gray", "grey (from RGB) branch input"
     if mode == "ir3":
@@ -196,9 +185,6 @@ def _draw_row(axes, image: np.ndarray, cmap: str | None, label: str, maps: np.nd
 
 
 def _figure(key: str, rows: list[dict[str, Any]], keep: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     columns = 2 + max(len(row["maps"]) for row in rows)
     height, width = rows[0]["image"].shape[:2]
     panel = 2.4
@@ -231,8 +217,6 @@ def _png_name(key: str) -> str:
 # -- the command -------------------------------------------------------------------------------------------
 
 def _device(device):
-    import torch
-
     if device is not None:
         return torch.device(device)
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
@@ -242,12 +226,6 @@ def attention(run_dir: str | Path, checkpoint: str = "last", keys: Sequence[str]
               where: str | None = None, config: AttentionConfig = AttentionConfig(), dataset: str | None = None,
               device=None, log=print, seed: int = 0) -> dict[str, Any]:
     """Attention maps of both branches for ``keys`` (else ``config.count`` random samples of ``where``)."""
-    import torch
-
-    from shards.reader import SelectionReader
-    from training.loader import BatchViews, RowBatches
-    from training.transforms import fit_to_grid
-
     if not 0.0 < config.threshold <= 1.0:  # before any model is loaded
         raise AnalysisError(f"attention.threshold must be in (0, 1], got {config.threshold}")
     run = RunDir.open(run_dir)
@@ -303,19 +281,19 @@ def attention(run_dir: str | Path, checkpoint: str = "last", keys: Sequence[str]
     _replace_into(out / "attention.npz", lambda fh: np.savez_compressed(
         fh, keys=np.asarray(keys_out, dtype=str), rgb=rgb.astype(np.float32), ir=ir.astype(np.float32),
         rgb_mask=rgb_mask, ir_mask=ir_mask))
-    result = {
-        "checkpoint": ckpt.name, "checkpoint_sha256": ckpt.sha256, "checkpoint_epoch": ckpt.epoch,
-        "where": where_used, "keys": keys_out, "pngs": pngs, "npz": f"{ATTENTION_DIR}/attention.npz",
-        "grid_rgb": list(rgb.shape[-2:]), "grid_ir": list(ir.shape[-2:]),
-        "heads": {"rgb": int(rgb.shape[1]), "ir": int(ir.shape[1])}, "threshold": keep, "mode": m.mode,
-        "dataset": str(root),
-        "preprocessing": "training.loader.EVAL_AUGMENT: whole frame, no flip, no jitter, no IR noise; BatchViews",
-    }
-    write_json(out / "attention.json", result)  # last: it names only files that are complete
+    record = AttentionResult(
+        checkpoint=ckpt.name, checkpoint_sha256=ckpt.sha256, checkpoint_epoch=ckpt.epoch,
+        where=where_used, keys=keys_out, pngs=pngs, npz=f"{ATTENTION_DIR}/attention.npz",
+        grid_rgb=[int(v) for v in rgb.shape[-2:]], grid_ir=[int(v) for v in ir.shape[-2:]],
+        heads={"rgb": int(rgb.shape[1]), "ir": int(ir.shape[1])}, threshold=keep, mode=m.mode,
+        dataset=str(root),
+        preprocessing="training.loader.EVAL_AUGMENT: whole frame, no flip, no jitter, no IR noise; BatchViews",
+    )
+    write_result(out / "attention.json", record)  # last: it names only files that are complete
     listed = {Path(p).name for p in pngs}
     for stale in out.glob("*.png"):  # figures of an earlier draw, no longer listed
         if stale.name not in listed:
             stale.unlink(missing_ok=True)
     log(f"{out}: attention maps of {len(keys_out)} sample(s), checkpoint {ckpt.name} "
         f"(RGB grid {rgb.shape[-2]}x{rgb.shape[-1]}, IR grid {ir.shape[-2]}x{ir.shape[-1]})")
-    return result
+    return result_json(record)

@@ -22,17 +22,32 @@ Features are N x (PCA components) float32 (100k x 50 is 20 MB), so they are load
 from __future__ import annotations
 
 import io
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+from PIL import Image
+from sklearn.cluster import MiniBatchKMeans
+from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, silhouette_score
+from threadpoolctl import threadpool_limits
+from tqdm import tqdm
 
+import catalog
 from analysis.config import ClusterConfig
+from analysis.metadata import sample_metadata
+from analysis.pca import open_pca, pca_path
+from analysis.results import (Agreement, ClusterResult, ClusterSettings, ClusterSpace, StepSkipped, SweepPoint,
+                              result_json, write_result)
 from analysis.runs import AnalysisError
-from analysis.store import SPACES, Embeddings, pyplot, save_figure, write_json, write_parquet
+from analysis.store import SPACES, Embeddings, pyplot, save_figure, write_parquet
+from catalog.query import sql_string
+from shards.reader import SelectionReader, ShardReadError
 
 __all__ = ["fit_clusters", "silhouette", "run_clusters", "SpaceClusters", "TABLE_COLUMNS", "HEATMAP_COLUMNS"]
 
@@ -62,9 +77,6 @@ class SpaceClusters:
 
 def fit_clusters(features, k: int, seed: int, batch_size: int = 4096) -> np.ndarray:
     """MiniBatchKMeans labels (int32, renumbered by size: 0 = the largest) of a numpy or zarr N x d array."""
-    from sklearn.cluster import MiniBatchKMeans
-    from threadpoolctl import threadpool_limits
-
     x = np.asarray(features[:], dtype=np.float32)
     model = MiniBatchKMeans(n_clusters=k, n_init=3, random_state=seed, batch_size=batch_size)
     # One thread: a mini-batch step is too small to share, and OpenMP's waiting threads made it 2-50x slower
@@ -88,8 +100,6 @@ def silhouette(features, labels: np.ndarray, sample_size: int, seeds: int, seed:
 
     Time and memory are O(sample_size^2) (sklearn computes distances in bounded chunks), whatever N.
     """
-    from sklearn.metrics import silhouette_score
-
     x = np.asarray(features[:], dtype=np.float32)
     labels = np.asarray(labels)
     if sample_size >= len(labels):
@@ -130,8 +140,6 @@ def _fit_space(features: np.ndarray, ks: Sequence[int], config: ClusterConfig, s
 
 def _pca_features(embeddings: Embeddings, results: Path) -> dict[str, Any]:
     """space -> the zarr features array of pca.zarr, checked to belong to these embeddings."""
-    from analysis.pca import open_pca, pca_path
-
     group = open_pca(results)
     path = pca_path(results)
     if group.attrs.get("embeddings") != embeddings.identity:
@@ -153,23 +161,19 @@ def _check_ks(embeddings: Embeddings, config: ClusterConfig) -> tuple[int, ...]:
     if too_big:
         name = "cluster.sweep" if config.sweep else "cluster.k"
         where = embeddings.attrs.get("where", "TRUE")
-        raise AnalysisError(f"{embeddings.path}: --where {where!r} selects {embeddings.n} samples, fewer than "
-                            f"{name} = {max(too_big)}")
+        raise StepSkipped(f"{embeddings.path}: --where {where!r} selects {embeddings.n} samples, fewer than "
+                          f"{name} = {max(too_big)}")
     return ks
 
 
 def _metadata(embeddings: Embeddings, dataset: str | Path | None):
-    import catalog
-
-    from analysis.metadata import sample_metadata
-
     root = dataset or embeddings.attrs.get("dataset")
     if not root or not Path(root).is_dir():
         raise AnalysisError(f"{embeddings.path}: dataset {root!r} does not exist here (pass --dataset)")
     try:
         frame = sample_metadata(Path(root), embeddings.keys())
     except catalog.CatalogError as exc:
-        raise AnalysisError(str(exc).strip().splitlines()[0]) from None
+        raise AnalysisError(exc.reason) from None
     # Camera positions are whole numbers stored as float (NaN for fixed cameras): show 17, not 17.0.
     for column in frame.columns:
         values = frame[column]
@@ -182,8 +186,6 @@ def _metadata(embeddings: Embeddings, dataset: str | Path | None):
 
 def _cluster_tables(labels: pa.Table, meta, spaces: Sequence[str], columns: Sequence[str]) -> pa.Table:
     """Tidy cluster x metadata counts and within-cluster shares, one DuckDB query per (space, column)."""
-    import duckdb
-
     con = duckdb.connect()
     try:
         con.register("clusters", labels)
@@ -212,8 +214,6 @@ def _against_metadata(labels: np.ndarray, meta, columns: Sequence[str]) -> tuple
     Unknown values (is_sky of a fixed camera, say) are left out rather than made a class of their own: a
     'null' class would mostly measure which cameras are fixed, not whether clusters follow the column.
     """
-    from sklearn.metrics import normalized_mutual_info_score
-
     nmi, purity = {}, {}
     for column in columns:
         known = meta[column].notna().to_numpy()
@@ -232,8 +232,6 @@ def _against_metadata(labels: np.ndarray, meta, columns: Sequence[str]) -> tuple
 
 def _agreement(fits: dict[str, SpaceClusters]) -> dict[str, dict[str, float]]:
     """ARI and NMI between the clusterings of every pair of spaces: separate vs joint fits."""
-    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
-
     out = {}
     names = list(fits)
     for i, first in enumerate(names):
@@ -250,8 +248,6 @@ def _agreement(fits: dict[str, SpaceClusters]) -> dict[str, dict[str, float]]:
 def plot_heatmap(tables: pa.Table, space: str, fit: SpaceClusters, columns: Sequence[str], out: Path) -> Path:
     """Cluster x value shares of the main metadata columns, one panel per column."""
     plt = pyplot()
-    import pyarrow.compute as pc
-
     frame = tables.filter(pc.equal(tables["space"], space)).to_pandas()
     panels = []
     for column in columns:
@@ -308,8 +304,6 @@ def _pick_examples(fit: SpaceClusters, keys: np.ndarray, count: int, seed: int) 
 
 def _rgb_thumbnail(jpeg: bytes) -> np.ndarray:
     """The whole frame, as the evaluation view sees it (no crop, no flip), decoded at a reduced DCT scale."""
-    from PIL import Image
-
     with Image.open(io.BytesIO(jpeg)) as image:
         width, height = image.size
         size = (THUMB_WIDTH, max(round(THUMB_WIDTH * height / width), 1))
@@ -319,13 +313,8 @@ def _rgb_thumbnail(jpeg: bytes) -> np.ndarray:
 
 def read_pairs(dataset: Path, keys: Sequence[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """key -> (RGB thumbnail uint8 H x W x 3, IR frame in degrees C) read from the shards via a Selection."""
-    import catalog
-    from shards.reader import SelectionReader, ShardReadError
-
     if not keys:
         return {}
-    from catalog.query import sql_string
-
     where = f"key IN ({', '.join(sql_string(k) for k in keys)})"
     with catalog.open(dataset) as cat:
         selection = cat.select(where)
@@ -427,7 +416,7 @@ def run_clusters(embeddings: Embeddings, results_dir: Path, config: ClusterConfi
     heat_columns = [c for c in HEATMAP_COLUMNS if c in columns]
     picks = {space: _pick_examples(fit, keys, config.examples, seed) for space, fit in fits.items()}
     pairs = read_pairs(root, sorted({k for p in picks.values() for keys_ in p for k in keys_}))
-    summary: dict[str, Any] = {}
+    summary: dict[str, ClusterSpace] = {}
     for space, fit in fits.items():
         pngs.append(plot_heatmap(tables, space, fit, heat_columns, results / f"clusters_{space}.png").name)
         examples_png = results / f"cluster_examples_{space}.png"
@@ -436,9 +425,9 @@ def run_clusters(embeddings: Embeddings, results_dir: Path, config: ClusterConfi
         else:
             examples_png.unlink(missing_ok=True)  # an earlier run's examples show other clusters
         nmi, purity = _against_metadata(fit.labels, meta, columns)
-        summary[space] = {"k": fit.k, "silhouette_mean": _num(fit.silhouette_mean),
-                          "silhouette_std": _num(fit.silhouette_std), "sizes": fit.sizes, "nmi": nmi,
-                          "purity": purity, "sweep": fit.sweep}
+        summary[space] = ClusterSpace(k=fit.k, silhouette_mean=_num(fit.silhouette_mean),
+                                      silhouette_std=_num(fit.silhouette_std), sizes=fit.sizes, nmi=nmi,
+                                      purity=purity, sweep=[SweepPoint(**row) for row in fit.sweep])
     sweep_png = results / "cluster_sweep.png"
     if config.sweep:
         pngs.append(plot_sweep(fits, sweep_png).name)
@@ -446,28 +435,24 @@ def run_clusters(embeddings: Embeddings, results_dir: Path, config: ClusterConfi
         sweep_png.unlink(missing_ok=True)  # a previous sweep's plot would not describe these clusters
     agreement = _agreement(fits)
 
-    data = {"embeddings": embeddings.identity, "checkpoint": embeddings.checkpoint, "n": embeddings.n,
-            "seed": seed, "config": {"k": config.k, "sweep": list(config.sweep),
-                                     "silhouette_sample": config.silhouette_sample,
-                                     "silhouette_seeds": config.silhouette_seeds, "examples": config.examples},
-            "spaces": summary, "agreement": agreement, "pngs": pngs, "tables": "cluster_tables.parquet",
-            "clusters": "clusters.parquet"}
-    write_json(results / "cluster.json", data)
+    settings = ClusterSettings(k=config.k, sweep=list(config.sweep), silhouette_sample=config.silhouette_sample,
+                               silhouette_seeds=config.silhouette_seeds, examples=config.examples)
+    record = ClusterResult(embeddings=embeddings.identity, checkpoint=embeddings.checkpoint, n=embeddings.n,
+                           seed=seed, config=settings, spaces=summary,
+                           agreement={pair: Agreement(**item) for pair, item in agreement.items()}, pngs=pngs,
+                           tables="cluster_tables.parquet", clusters="clusters.parquet")
+    write_result(results / "cluster.json", record)
     for space, item in summary.items():
-        follows = ", ".join(f"{c} {v:.2f}" for c, v in item["nmi"].items() if v is not None)
-        log(f"cluster {space}: k={item['k']}, silhouette {_fmt(item['silhouette_mean'])}; NMI {follows}")
-    for pair, item in agreement.items():
-        log(f"cluster agreement {pair}: ARI {item['ari']:.2f}, NMI {item['nmi']:.2f}")
-    return data
+        follows = ", ".join(f"{c} {v:.2f}" for c, v in item.nmi.items() if v is not None)
+        log(f"cluster {space}: k={item.k}, silhouette {_fmt(item.silhouette_mean)}; NMI {follows}")
+    for pair, item in record.agreement.items():
+        log(f"cluster agreement {pair}: ARI {item.ari:.2f}, NMI {item.nmi:.2f}")
+    return result_json(record)
 
 
 def _bar(total: int, show: bool):
     if not show:
         return None
-    import sys
-
-    from tqdm import tqdm
-
     return tqdm(total=total, desc="cluster", unit="fit", dynamic_ncols=True, file=sys.stderr)
 
 

@@ -9,21 +9,52 @@ ranks. Rank 0 marks the store complete after a barrier.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+import zarr
+from tqdm import tqdm
 
+import catalog
 from analysis.config import EmbedConfig
 from analysis.runs import AnalysisError, Checkpoint, RunDir
 from analysis.store import create_embedding_store
+from catalog.runinfo import config_to_dict, provenance
+from shards.reader import SelectionReader
+from training.distributed import abort, bcast, failure_line, local_device, mpi_peers, mpi_world, watch_ranks
+from training.loader import BatchViews, DevicePrefetcher, RowBatches, make_loader, selection_fingerprint
 
-__all__ = ["embed", "EmbedResult", "selection_for", "embedding_identity"]
+__all__ = ["embed", "EmbedResult", "selection_for", "embedding_identity", "IDENTITY_VERSION", "NOT_IN_IDENTITY"]
+
+# Bumped whenever what goes into embedding_identity changes shape, so every store made before is embedded anew.
+# 2: every data.* field but NOT_IN_IDENTITY (was a hand-written list) and every model.* field (was the mode).
+IDENTITY_VERSION = 2
+# data.* fields that cannot change the embedded arrays, left out of the identity. Every other field, including one
+# added to training.config.DataConfig later, is in it by default: a field forgotten here costs a re-embed, never a
+# stale store. The training augmentations (crop_*, hflip, the jitters, ir_noise_c) do not reach the evaluation view
+# (EVAL_AUGMENT) today but stay in: changing them in a run's config.toml is rare, and a re-embed is cheap next to
+# arrays that silently no longer match.
+NOT_IN_IDENTITY = frozenset({
+    # Where the run's dataset was (embed may read it from --dataset instead): the rows are named by the selection's
+    # keys, whose fingerprint is in the identity.
+    "dataset",
+    # The run's training selection: embed selects by its own --where, which is in the identity.
+    "where",
+    # How many processes load batches and how far ahead: the same batches either way.
+    "workers",
+    "prefetch",
+    # The run's training decode: embed replaces it by its own embed.decode.
+    "decode",
+})
 
 
 @dataclass(frozen=True)
@@ -38,10 +69,9 @@ class EmbedResult:
     steady_pairs_per_s: float | None = None
 
 
-def selection_for(run: RunDir, where: str, dataset: str | None = None):
-    """(catalog Selection, dataset path, training config) of ``where`` over the run's dataset."""
-    import catalog
-
+def selection_for(run: RunDir, where: str, dataset: str | None = None, *, allow_empty: bool = False):
+    """(catalog Selection, dataset path, training config) of ``where`` over the run's dataset; an empty selection
+    is an error unless ``allow_empty``."""
     config = run.training_config()
     root = dataset or config.data.dataset
     if not root or not Path(root).is_dir():
@@ -50,27 +80,31 @@ def selection_for(run: RunDir, where: str, dataset: str | None = None):
         with catalog.open(root) as cat:
             selection = cat.select(where)
     except catalog.CatalogError as exc:
-        message = str(exc).strip().splitlines()[0].replace(f"bad --where {where!r}: ", "")
-        raise AnalysisError(f"--where {where!r} is not valid SQL over `samples`: {message}") from None
-    if selection.num_rows == 0:
+        if exc.where is None:  # the catalog itself (not a dataset, unreadable), not the filter
+            raise AnalysisError(exc.reason) from None
+        raise AnalysisError(f"--where {where!r} is not valid SQL over `samples`: {exc.reason}") from None
+    if selection.num_rows == 0 and not allow_empty:
         raise AnalysisError(f"--where {where!r} selects no samples in {root}")
     return selection, Path(root), config
 
 
 def embedding_identity(checkpoint: Checkpoint, where: str, selection_sha: str, config, projections: bool) -> str:
-    """What the arrays depend on: the weights, the samples, the preprocessing. Equal identity = nothing to do."""
-    d = config.data
-    what = {"checkpoint": checkpoint.sha256, "where": where, "selection": selection_sha, "mode": config.model.mode,
-            "ir_size": list(d.ir_size), "rgb_scale": d.rgb_scale, "fit": d.fit, "ir_mean": d.ir_mean,
-            "ir_std": d.ir_std, "ir3_bounds": list(d.ir3_bounds), "projections": projections, "version": 1}
+    """What the arrays depend on: the weights, the samples, the preprocessing. Equal identity = nothing to do.
+
+    The preprocessing is every field of the run's ``data`` config but ``NOT_IN_IDENTITY``, and its ``model`` config
+    (the mode picks the views; the rest is fixed by the weights, and costs nothing to include), read from the
+    dataclasses themselves, so a field added to either is part of the identity without anyone listing it here.
+    """
+    data = {name: value for name, value in dataclasses.asdict(config.data).items() if name not in NOT_IN_IDENTITY}
+    what = {"checkpoint": checkpoint.sha256, "where": where, "selection": selection_sha, "data": data,
+            "model": dataclasses.asdict(config.model), "projections": projections, "version": IDENTITY_VERSION}
+    # Tuples become JSON lists; a field of a type JSON cannot hold is a TypeError here, not a silent omission.
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
 
 
 def embed(run_dir: str | Path, checkpoint_name: str = "last", where: str | None = None, config: EmbedConfig | None = None,
           dataset: str | None = None, progress: bool = True, log=print) -> EmbedResult:
     """Embed under any number of MPI ranks (each process calls this); returns on every rank."""
-    from training.distributed import abort, bcast, mpi_world
-
     cfg = config or EmbedConfig()
     where = (where if where is not None else cfg.where).strip() or "TRUE"
     rank, world, local_rank, local_size = mpi_world()
@@ -93,27 +127,23 @@ def embed(run_dir: str | Path, checkpoint_name: str = "last", where: str | None 
         if rank == 0:
             log(f"{path}: up to date ({verdict['n']} samples)")
         return EmbedResult(path, verdict["n"], 0, 0.0, True)
+    peers = mpi_peers()
     try:
-        computed, seconds, steady = _embed_my_chunks(run, verdict, cfg, rank, world, local_rank, local_size, progress, prepared)
+        with watch_ranks("analysis embed", rank, peers):
+            computed, seconds, steady = _embed_my_chunks(run, verdict, cfg, rank, world, local_rank, local_size,
+                                                         progress, prepared)
     except BaseException as exc:
         if world > 1:
-            print(f"analysis embed: rank {rank}: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+            print(failure_line("analysis embed", rank, world, exc, peers), file=sys.stderr, flush=True)
             abort(1)
         raise
-    if world > 1:
-        from mpi4py import MPI
-
-        computed = MPI.COMM_WORLD.allreduce(computed)
-        rates = MPI.COMM_WORLD.allgather(steady)
-        steady = sum(r for r in rates if r) or None  # a rank with one batch or none has no rate
-        MPI.COMM_WORLD.Barrier()
+    computed, steady = _totals(computed, steady, world)
+    # Rank 0 looks, every rank hears: all fail alike when a chunk is missing.
+    missing = bcast(_chunks_missing(path) if rank == 0 else None)
+    if missing:
+        raise AnalysisError(f"{path}: {missing} chunk(s) were not written; run `analysis embed` again")
     if rank == 0:
-        import zarr
-
         group = zarr.open_group(str(path), mode="r+")
-        done = group["done"][:]
-        if int(done[: group.attrs["n_chunks"]].sum()) != group.attrs["n_chunks"]:
-            raise AnalysisError(f"{path}: some chunks were not written; run `analysis embed` again")
         group.attrs.update({"complete": True, "world_size": world, "seconds": seconds})
         rate = computed / seconds if seconds > 0 else float("nan")
         after_first = f"; {steady:.0f} pairs/s after each rank's first batch" if steady else ""
@@ -121,14 +151,27 @@ def embed(run_dir: str | Path, checkpoint_name: str = "last", where: str | None 
     return EmbedResult(path, verdict["n"], computed, seconds, False, steady)
 
 
+def _totals(computed: int, steady: float | None, world: int) -> tuple[int, float | None]:
+    """Rows embedded by all ranks, and their summed steady rate (collective under MPI)."""
+    if world == 1:
+        return computed, steady
+    # mpi4py.MPI here only: importing it initialises MPI, which a process no MPI launcher started must not do
+    # (see training.distributed.mpi_world).
+    from mpi4py import MPI
+
+    rates = MPI.COMM_WORLD.allgather(steady)
+    return MPI.COMM_WORLD.allreduce(computed), sum(r for r in rates if r) or None  # a rank with <2 batches has none
+
+
+def _chunks_missing(path: Path) -> int:
+    group = zarr.open_group(str(path), mode="r")
+    n_chunks = int(group.attrs["n_chunks"])
+    return n_chunks - int(group["done"][:n_chunks].sum())
+
+
 def _prepare(run: RunDir, checkpoint_name: str, where: str, cfg: EmbedConfig, dataset: str | None):
     """Rank 0: resolve everything, create or reuse the store. Returns (what every rank needs to start, what rank 0
     made on the way: checkpoint, selection, model, config)."""
-    import zarr
-
-    from catalog.runinfo import config_to_dict, provenance
-    from training.loader import selection_fingerprint
-
     checkpoint = run.checkpoint(checkpoint_name)
     selection, root, _ = selection_for(run, where, dataset)
     model, config, spec = run.load_model(checkpoint)  # checks the architecture before anything is written
@@ -165,14 +208,6 @@ def _prepare(run: RunDir, checkpoint_name: str, where: str, cfg: EmbedConfig, da
 
 def _embed_my_chunks(run: RunDir, verdict: dict, cfg: EmbedConfig, rank: int, world: int, local_rank: int,
                      local_size: int, progress: bool, prepared=None) -> tuple[int, float, float | None]:
-    import catalog
-    import torch
-    import zarr
-
-    from shards.reader import SelectionReader
-    from training.distributed import local_device
-    from training.loader import BatchViews, DevicePrefetcher, RowBatches, make_loader
-
     path = Path(verdict["path"])
     group = zarr.open_group(str(path), mode="r+")
     n, chunk_rows, n_chunks = int(group.attrs["n"]), int(group.attrs["chunk_rows"]), int(group.attrs["n_chunks"])
@@ -196,8 +231,6 @@ def _embed_my_chunks(run: RunDir, verdict: dict, cfg: EmbedConfig, rank: int, wo
         model, config, _ = run.load_model(checkpoint, device)
     if device.type == "cpu" and local_size > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_size))
-    import dataclasses
-
     data = dataclasses.replace(config.data, decode=decode)
     m = config.model
     views = BatchViews(data, m.mode, m.rgb_patch, m.ir_patch, data.ir_mean, data.ir_std, device)
@@ -215,8 +248,6 @@ def _embed_my_chunks(run: RunDir, verdict: dict, cfg: EmbedConfig, rank: int, wo
     total = sum(len(rows) for _, rows in batches)
     bar = None
     if rank == 0 and progress:
-        from tqdm import tqdm
-
         bar = tqdm(total=total, unit="pair", desc=f"embed {verdict['checkpoint']}", dynamic_ncols=True, file=sys.stderr)
     all_keys = np.asarray(group["key"][:], dtype=object)
     started = time.perf_counter()
@@ -249,10 +280,6 @@ def _write_chunks(prefetch, model, autocast, group, names, n, chunk_rows, all_ke
     without the host waiting: the writer thread waits for the copy, so the GPU queue never drains at a chunk's end.
     Returns (when the first batch had been embedded, its rows), or None if there was no batch: the steady rate
     is measured from there, past the loader's start-up and the first forward's one-off library set-up."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    import torch
-
     writer = ThreadPoolExecutor(max_workers=2, thread_name_prefix="zarr-writer")
     pending: list = []
     parts: dict[int, dict[str, list]] = {}
@@ -305,8 +332,6 @@ def _write_chunks(prefetch, model, autocast, group, names, n, chunk_rows, all_ke
 
 def _to_host(tensors: dict):
     """(host copies, an event marking when they are complete, or None when they already are)."""
-    import torch
-
     first = next(iter(tensors.values()))
     if not first.is_cuda:
         return {name: t.cpu() for name, t in tensors.items()}, None

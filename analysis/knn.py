@@ -4,9 +4,8 @@ k-NN is DINO's weighted k-NN (``eval_knn.py``): L2-normalised features, cosine s
 training rows each vote ``exp(similarity / T)`` for their label; top-1 (and top-5 where there are more than 5
 classes) accuracy on the test split, for every k from one top-k search. Labels are catalog columns (sky or
 ground, day or night, node, pointing position) and, for synthetic data, the generator's cloud-fraction class.
-The neighbours are exact (:func:`knn_neighbours`): cluster-pruned where that pays, else every pair. Measured on
-the 2-core machine, 100k train x 100k test, 384-d blobs (bench/analysis.py), k up to 200: 18.2 s pruned (6.1% of
-the pairs read) against 73.0 s over every pair (96 s before), the same accuracies.
+The neighbours are exact (:func:`knn_neighbours`): cluster-pruned where that pays, else every pair, with the same
+accuracies either way (timings: bench/RESULTS.md, "2026-12-04 docstring figures moved here (analysis)").
 
 Retrieval asks whether the two branches agree on a sample: for each test RGB embedding, is its own IR partner
 among the top 1 / top 5 of all test IR embeddings (and the reverse), against chance (k / n). It is measured in
@@ -22,8 +21,10 @@ import numpy as np
 
 from analysis.config import LABELS, KNNConfig
 from analysis.neighbours import l2_normalise, pruned_neighbours, topk_neighbours
+from analysis.results import (KNNLabel, KNNResult, KNNScore, RetrievalResult, StepSkipped, result_json,
+                              write_result)
 from analysis.runs import AnalysisError
-from analysis.store import Embeddings, write_json
+from analysis.store import Embeddings
 
 __all__ = ["weighted_knn", "neighbour_votes", "knn_neighbours", "run_knn", "retrieval_accuracy", "run_retrieval", "space_matrix"]
 
@@ -97,15 +98,14 @@ def run_knn(embeddings: Embeddings, results: Path, config: KNNConfig, metadata, 
     train_rows = np.flatnonzero(split == config.train_split)
     test_rows = np.flatnonzero(split == config.test_split)
     if len(test_rows) == 0:
-        raise AnalysisError(f"{embeddings.path}: no {config.test_split!r} samples among the embedded ones")
+        raise StepSkipped(f"{embeddings.path}: no {config.test_split!r} samples among the embedded ones")
     if len(train_rows) < max(config.k):
-        raise AnalysisError(f"{embeddings.path}: {len(train_rows)} {config.train_split!r} samples embedded, fewer than "
+        raise StepSkipped(f"{embeddings.path}: {len(train_rows)} {config.train_split!r} samples embedded, fewer than "
                             f"k = {max(config.k)} (set knn.k in --config, or embed more samples)")
     labels = [c for c in (*LABELS, "cloud_class") if c in metadata.columns]
     spaces = [s for s in ("rgb", "ir", "joint") if s == "joint" or embeddings.has(s)]
-    out: dict = {"embeddings": embeddings.identity, "checkpoint": embeddings.checkpoint, "k": list(config.k),
-                 "temperature": config.temperature, "train": int(len(train_rows)), "test": int(len(test_rows)),
-                 "labels": {}}
+    measured: dict[str, KNNLabel] = {}
+    skipped: dict[str, str] = {}
     matrices = {s: (space_matrix(embeddings, s, train_rows), space_matrix(embeddings, s, test_rows)) for s in spaces}
     found: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
 
@@ -124,26 +124,28 @@ def run_knn(embeddings: Embeddings, results: Path, config: KNNConfig, metadata, 
         known_train = np.array([v is not None and v == v for v in values[train_rows]])
         known_test = np.array([v is not None and v == v for v in values[test_rows]])
         if known_train.sum() < max(config.k) or known_test.sum() == 0:
-            out["labels"][label] = {"skipped": f"{int(known_train.sum())} labelled training samples, "
-                                               f"{int(known_test.sum())} test"}
+            skipped[label] = f"{int(known_train.sum())} labelled training samples, {int(known_test.sum())} test"
             continue
         classes, codes = np.unique(np.array([str(v) for v in values[np.concatenate([train_rows, test_rows])]]),
                                    return_inverse=True)
         train_codes, test_codes = codes[: len(train_rows)], codes[len(train_rows) :]
         majority = np.bincount(train_codes[known_train], minlength=len(classes)).argmax()
-        entry = {"classes": len(classes), "majority_baseline": float((test_codes[known_test] == majority).mean()),
-                 "spaces": {}}
+        by_space = {}
         for space in matrices:
             similarity, index = neighbours(space, known_train, known_test)
             scores = neighbour_votes(similarity, index, train_codes[known_train], test_codes[known_test], config.k,
                                      config.temperature, len(classes))
-            entry["spaces"][space] = {str(k): v for k, v in scores.items()}
-        out["labels"][label] = entry
+            by_space[space] = {str(k): KNNScore(v["top1"], v["top5"]) for k, v in scores.items()}
+        entry = measured[label] = KNNLabel(classes=len(classes), spaces=by_space,
+                                           majority_baseline=float((test_codes[known_test] == majority).mean()))
         headline = 20 if 20 in config.k else config.k[0]
-        log(f"knn {label}: " + ", ".join(f"{s} {100 * entry['spaces'][s][str(headline)]['top1']:.1f}%" for s in spaces)
-            + f" top-1 at k={headline} (majority class {100 * entry['majority_baseline']:.1f}%)")
-    write_json(results / "knn.json", out)
-    return out
+        log(f"knn {label}: " + ", ".join(f"{s} {100 * entry.spaces[s][str(headline)].top1:.1f}%" for s in spaces)
+            + f" top-1 at k={headline} (majority class {100 * entry.majority_baseline:.1f}%)")
+    record = KNNResult(embeddings=embeddings.identity, checkpoint=embeddings.checkpoint, k=list(config.k),
+                       temperature=config.temperature, train=int(len(train_rows)), test=int(len(test_rows)),
+                       labels=measured, skipped_labels=skipped)
+    write_result(results / "knn.json", record)
+    return result_json(record)
 
 
 def retrieval_accuracy(queries: np.ndarray, base: np.ndarray, ks: tuple[int, ...] = (1, 5),
@@ -158,22 +160,22 @@ def retrieval_accuracy(queries: np.ndarray, base: np.ndarray, ks: tuple[int, ...
 def run_retrieval(embeddings: Embeddings, results: Path, metadata, split: str = "test", ks: tuple[int, ...] = (1, 5),
                   log=print) -> dict:
     rows = np.flatnonzero(metadata["split"].to_numpy() == split)
-    out: dict = {"embeddings": embeddings.identity, "checkpoint": embeddings.checkpoint, "split": split,
-                 "n": int(len(rows)), "k": list(ks)}
     usable = tuple(k for k in ks if k < len(rows))  # top-k of k >= n pairs is always a hit
     if not embeddings.has("rgb_z"):
-        out["skipped"] = "no expander outputs in the embeddings (embed.projections = false)"
-    elif not usable:
-        raise AnalysisError(f"retrieval needs more than {min(ks)} {split!r} samples, the embeddings hold {len(rows)}")
-    else:
-        ks = usable
-        out["k"] = list(ks)
-        rgb = l2_normalise(embeddings.rows("rgb_z", rows))
-        ir = l2_normalise(embeddings.rows("ir_z", rows))
-        out["rgb_to_ir"] = {str(k): v for k, v in retrieval_accuracy(rgb, ir, ks).items()}
-        out["ir_to_rgb"] = {str(k): v for k, v in retrieval_accuracy(ir, rgb, ks).items()}
-        out["chance"] = {str(k): min(k / len(rows), 1.0) for k in ks}
-        log(f"retrieval ({len(rows)} {split} pairs): RGB->IR top-1 {100 * out['rgb_to_ir'][str(ks[0])]:.1f}%, "
-            f"IR->RGB top-1 {100 * out['ir_to_rgb'][str(ks[0])]:.1f}% (chance {100 * out['chance'][str(ks[0])]:.1f}%)")
-    write_json(results / "retrieval.json", out)
-    return out
+        raise StepSkipped(f"{embeddings.path}: no expander outputs in the embeddings (embed.projections = false)")
+    if not len(rows):
+        raise StepSkipped(f"{embeddings.path}: no {split!r} samples among the embedded ones")
+    if not usable:
+        raise StepSkipped(f"retrieval needs more than {min(ks)} {split!r} samples, the embeddings hold {len(rows)}")
+    rgb = l2_normalise(embeddings.rows("rgb_z", rows))
+    ir = l2_normalise(embeddings.rows("ir_z", rows))
+    record = RetrievalResult(
+        embeddings=embeddings.identity, checkpoint=embeddings.checkpoint, split=split, n=int(len(rows)),
+        k=list(usable), rgb_to_ir={str(k): v for k, v in retrieval_accuracy(rgb, ir, usable).items()},
+        ir_to_rgb={str(k): v for k, v in retrieval_accuracy(ir, rgb, usable).items()},
+        chance={str(k): min(k / len(rows), 1.0) for k in usable})
+    first = str(usable[0])
+    log(f"retrieval ({len(rows)} {split} pairs): RGB->IR top-1 {100 * record.rgb_to_ir[first]:.1f}%, "
+        f"IR->RGB top-1 {100 * record.ir_to_rgb[first]:.1f}% (chance {100 * record.chance[first]:.1f}%)")
+    write_result(results / "retrieval.json", record)
+    return result_json(record)

@@ -11,6 +11,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+import catalog
+from analysis.runs import AnalysisError
+
 __all__ = ["sample_metadata", "truth_path", "CLOUD_CLASSES"]
 
 CLOUD_CLASSES = ("clear", "partly cloudy", "overcast")
@@ -18,8 +21,6 @@ CLOUD_CLASSES = ("clear", "partly cloudy", "overcast")
 
 def truth_path(dataset: Path) -> Path | None:
     """RAW/truth.parquet of the dataset's most recent ingest run, if it exists here."""
-    import catalog
-
     with catalog.open(dataset) as cat:
         rows = cat.query("SELECT raw_dir FROM runs ORDER BY id DESC").column("raw_dir").to_pylist()
     for raw in rows:
@@ -33,9 +34,6 @@ def truth_path(dataset: Path) -> Path | None:
 
 def sample_metadata(dataset: Path, keys: np.ndarray, cloud_bins: tuple[float, ...] = (0.25, 0.75)):
     """A pandas DataFrame, one row per key in ``keys`` order; a key missing from the catalog is an error."""
-    import catalog
-    from analysis.runs import AnalysisError
-
     order = pa.table({"i": np.arange(len(keys), dtype=np.int64), "key": pa.array(list(keys), type=pa.string())})
     truth = truth_path(dataset)
     with catalog.open(dataset) as cat:

@@ -1,39 +1,34 @@
 """Exact nearest neighbours on CPU, two ways, with the same answer (float32 scores; equal scores in any order).
 
 :func:`topk_neighbours` reads every pair in blocks: one matrix product and one top-k per block of queries, so
-memory is ``query_chunk x n_base`` floats whatever the number of queries (100k x 100k runs in a few hundred MB).
-Two things make the blocks cheap (2-core AMD EPYC, AVX2; 100k x 100k):
+memory is ``query_chunk x n_base`` floats whatever the number of queries. Two things make the blocks cheap:
 
-- one score buffer for every block, written in place (``out=``): a fresh 2048 x 100k product costs page faults on
-  top of the arithmetic (384-d: 1.07-1.19 s in place against 1.17-1.66 s fresh, ~133-149 GFLOP/s; 50-d: 0.2 s
-  against 0.44 s);
-- :func:`top_k`: the exact top-k of each row through group maxima, which hands torch.topk (~3 ns per element it
-  reads, whatever k) about 1/16 of the scores: 2048 x 100k, k = 200: 0.2-0.25 s against 0.25-0.32 s (k = 91:
-  0.13 s against 0.27 s).
+- one score buffer for every block, written in place (``out=``): a fresh product per block pays page faults on
+  top of the arithmetic;
+- :func:`top_k`: the exact top-k of each row through group maxima, which hands torch.topk (whose cost follows the
+  number of scores it reads, whatever k) about 1/16 of the scores.
 
-So the t-SNE's euclidean 90-NN of 100k x 50 takes 16-23 s (was 48-50 s), and the k-NN's cosine 200-NN of 100k x
-100k x 384 takes 73 s, of which the products alone are 52-58 s: no all-pairs method in float32 gets under a minute
-on this CPU.
+The matrix products are then most of the time: every pair in float32 is bounded by the CPU's product rate.
 
 :func:`pruned_neighbours` reads only the pairs that can be neighbours (k-means cells, a lower bound from the
 nearest cells and an upper bound per cell), and gives up after a probe when that would still read more than a
-quarter of them. On the bench's 384-d blobs it reads 6.1% of the pairs: the k-NN's 200-NN of 100k x 100k in
-18-19 s instead of 73 s; on the t-SNE's 50-d blobs (nearby blobs within reach of each other) 32%, slower than every
-pair.
+quarter of them. It pays where the rows fall into well-separated clusters (the k-NN's 384-d embeddings); where
+nearby clusters are within reach of each other (the t-SNE's 50-d PCA features) it reads too many pairs, and every
+pair is faster.
 
-Not used, measured for the k-NN (100k x 100k x 384): int8 products for candidates and an exact re-rank. fbgemm's
-quantized linear (uint8 out; the fastest AVX2 int8 product torch offers here; torch._int_mm runs at 5 GOP/s on this
-CPU, float16/bfloat16 products far slower than float32) took ~37 s against 52-58 s for float32; selecting 300
-candidates per query ~8-10 s more; re-ranking them exactly needs 30M random row reads of 1.5 kB (gather + bmm 45 s,
-torch.sparse.sampled_addmm 8-17 s); and the error bound that would prove the candidates complete (Cauchy-Schwarz
-on the quantisation errors) held for 9% of the queries only. About as slow as float32 every pair, and not exact.
+Both are exact, so a k-NN accuracy measures the embeddings, not the search. The figures behind these choices, and
+the approaches measured and not kept: bench/RESULTS.md, "2026-12-04 docstring figures moved here (analysis)".
 """
 
 from __future__ import annotations
 
 import itertools
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import torch
+from threadpoolctl import threadpool_limits
+from tqdm import tqdm
 
 __all__ = ["l2_normalise", "topk_neighbours", "top_k", "pruned_neighbours"]
 
@@ -58,8 +53,6 @@ def top_k(scores, k: int, groups: int = GROUPS):
     is >= t, and any score > t sits in a group whose maximum > t, which is among them. So the top k of those k
     groups' columns, plus the (< ``groups``) columns left over, is the row's top k.
     """
-    import torch
-
     rows, n = scores.shape
     m = n // groups
     if m < 4 * k or groups < 2:  # few columns per selected group: ranking them all is as cheap
@@ -81,8 +74,6 @@ def topk_neighbours(queries: np.ndarray, base: np.ndarray, k: int, metric: str =
     distances (ascending). ``exclude_self``: queries are the base itself and a row is not its own neighbour.
     Exact (float32 products; equal scores in any order).
     """
-    import torch
-
     if metric not in ("cosine", "euclidean"):
         raise ValueError(f"metric must be cosine or euclidean, got {metric!r}")
     # Euclidean scores 2 q.b - |b|^2 = |q|^2 - |q - b|^2 (|q|^2 does not change a query's ranking) come out of
@@ -94,8 +85,6 @@ def topk_neighbours(queries: np.ndarray, base: np.ndarray, k: int, metric: str =
     indices = np.empty(scores.shape, dtype=np.int64)
     starts = range(0, n, query_chunk)
     if progress:
-        from tqdm import tqdm
-
         starts = tqdm(starts, desc=progress, unit="block", dynamic_ncols=True, leave=False)
     with torch.inference_mode():
         block = torch.empty((min(query_chunk, n), base_t.shape[0]), dtype=torch.float32)
@@ -127,10 +116,8 @@ PRUNE_MAX_SCANNED = 0.25  # give up (return None) when pruning would still read 
 
 def _kmeans_pp_centres(x: np.ndarray, cells: int, rng: np.random.Generator, sample: int = 12) -> np.ndarray:
     """``cells`` k-means++ seeds (D^2 sampling, one trial each) from ``sample`` x cells random rows, refined by
-    two Lloyd steps on those rows: cheap (sklearn's MiniBatchKMeans took 50 s for 316 centres at 384-d here), and
-    D^2 seeding puts a centre in nearly every cluster, which random seeds miss."""
-    import torch
-
+    two Lloyd steps on those rows: far cheaper than a full k-means (sklearn's MiniBatchKMeans), and D^2 seeding puts
+    a centre in nearly every cluster, which random seeds miss."""
     rows = x[rng.choice(len(x), min(len(x), sample * cells), replace=False)].astype(np.float32)
     cells = min(cells, len(rows))
     t = torch.from_numpy(rows)
@@ -154,8 +141,6 @@ def _kmeans_pp_centres(x: np.ndarray, cells: int, rng: np.random.Generator, samp
 
 
 def _nearest_centre(x: np.ndarray, centres: np.ndarray, chunk: int = 16384) -> np.ndarray:
-    import torch
-
     c = torch.from_numpy(np.ascontiguousarray(centres, dtype=np.float32))
     c_sq = (c * c).sum(1)
     label = np.empty(len(x), dtype=np.int64)
@@ -170,8 +155,6 @@ class _Cells:
     centre, that every query scans; exact float64 centres and core radii."""
 
     def __init__(self, base: np.ndarray, cells: int, seed: int):
-        import torch
-
         rng = np.random.default_rng([seed, 2])
         label = _nearest_centre(base, _kmeans_pp_centres(base, cells, rng))
         used = np.unique(label)
@@ -239,12 +222,7 @@ def _in_threads(func, items: list, workers: int | None = None):
     """``func`` over ``items`` (results in order, as they come) in as many Python threads as torch has
     intra-op threads, each running torch and BLAS on one thread: the pruned search is many small products and
     top-ks, which two intra-op threads meeting at each op's barrier ran no faster than one, while two chunks side by
-    side keep both cores busy (100k x 100k blobs, 384-d, k = 200: 30 s on one thread, 33 s on two intra-op threads,
-    19 s in two Python threads)."""
-    import torch
-    from concurrent.futures import ThreadPoolExecutor
-    from threadpoolctl import threadpool_limits
-
+    side keep both cores busy."""
     threads = torch.get_num_threads()
     workers = workers or threads
     torch.set_num_threads(1)
@@ -309,8 +287,6 @@ def pruned_neighbours(queries: np.ndarray, base: np.ndarray, k: int, metric: str
     rounding. The queries of a chunk are split into groups by how far they reach (:func:`_reach_groups`), and the
     chunks run in two Python threads (:func:`_in_threads`).
     """
-    import torch
-
     if metric not in ("cosine", "euclidean"):
         raise ValueError(f"metric must be cosine or euclidean, got {metric!r}")
     base = np.ascontiguousarray(base, dtype=np.float32)

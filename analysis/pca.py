@@ -8,18 +8,25 @@ mean so that large means do not cancel away the variance); with MPI ranks each r
 chunk by chunk, into ``RUN/analysis/<checkpoint>/pca.zarr`` (``<space>/features`` [N, k]), which clustering,
 t-SNE and the plots read. Peak memory: a chunk or two plus D x D.
 
-No torch here: a million-row PCA runs in a process that holds numpy and zarr only.
+No torch here: a million-row PCA runs in processes without it.
 """
 
 from __future__ import annotations
 
+import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import zarr
+from tqdm import tqdm
 
+from analysis.results import PCAResult, PCASpace, write_result
 from analysis.runs import AnalysisError
-from analysis.store import SPACES, Embeddings, pyplot, save_figure, write_json
+from analysis.store import SPACES, Embeddings, pyplot, save_figure
+from catalog.ranks import PeerWatch, this_peer
+from catalog.runinfo import launched_by_mpi
 
 __all__ = ["PCAFit", "streamed_pca", "run_pca", "open_pca", "plot_explained_variance"]
 
@@ -42,10 +49,10 @@ class PCAFit:
 
 def _mpi():
     """MPI.COMM_WORLD when an MPI launcher started this process with more than one rank, else None."""
-    from catalog.runinfo import launched_by_mpi
-
     if not launched_by_mpi():
         return None
+    # mpi4py.MPI only here and under a communicator: importing it initialises MPI, which a process no MPI launcher
+    # started must not do (see training.distributed.mpi_world).
     from mpi4py import MPI
 
     return MPI.COMM_WORLD if MPI.COMM_WORLD.Get_size() > 1 else None
@@ -76,7 +83,7 @@ def streamed_pca(embeddings: Embeddings, space: str, components: int, comm=None)
         total += shifted.sum(axis=0)
         outer += shifted.T @ shifted
     if comm is not None:
-        from mpi4py import MPI
+        from mpi4py import MPI  # MPI is running (there is a communicator); see _mpi for why not at the top
 
         for array in (count, total, outer):
             comm.Allreduce(MPI.IN_PLACE, array, op=MPI.SUM)
@@ -101,8 +108,6 @@ def pca_path(results: Path) -> Path:
 
 def open_pca(results: Path):
     """The complete pca.zarr group of a checkpoint's results (``<space>/features`` etc.)."""
-    import zarr
-
     path = pca_path(results)
     if not path.exists():
         raise AnalysisError(f"{path}: no PCA (run `analysis pca` first)")
@@ -115,67 +120,95 @@ def open_pca(results: Path):
 def run_pca(embeddings: Embeddings, results: Path, components: int, spaces: tuple[str, ...] = SPACES,
             progress: bool = True, log=print) -> dict:
     """Fit every space, write pca.zarr (features included), pca.json and pca.png; under MPI every rank calls it."""
-    import zarr
-
     comm = _mpi()
+    spaces = tuple(s for s in spaces if s == "joint" or embeddings.has(s))
+    fits = _on_every_rank(comm, lambda: _fit_and_project(embeddings, results, components, spaces, comm, progress))
+    if comm is not None:
+        comm.Barrier()  # every rank's features are written; from here rank 0 alone finishes
+    if comm is not None and comm.Get_rank() != 0:
+        return {}
+    return _summarise(embeddings, results, fits, log)
+
+
+def _on_every_rank(comm, work):  # noqa: ANN001, ANN202
+    """``work()`` on this rank; under MPI a failed or vanished rank ends every rank with one line, not a hang."""
+    if comm is None:
+        return work()
+    rank, world = comm.Get_rank(), comm.Get_size()
+    peers = tuple(comm.allgather(this_peer()))
+    try:
+        with PeerWatch("analysis pca", rank, peers, comm.Abort):
+            return work()
+    except BaseException as exc:
+        why = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"analysis pca: rank {rank} of {world} failed: {type(exc).__name__}: {why}; ending every rank",
+              file=sys.stderr, flush=True)
+        comm.Abort(1)
+        raise
+
+
+def _fit_and_project(embeddings: Embeddings, results: Path, components: int, spaces: tuple[str, ...], comm,
+                     progress: bool) -> dict[str, PCAFit]:
+    """Fit each space from every rank's chunks, then write each rank's chunks' features into pca.zarr."""
     rank, world = (comm.Get_rank(), comm.Get_size()) if comm is not None else (0, 1)
     path = pca_path(results)
-    fits: dict[str, PCAFit] = {}
-    spaces = tuple(s for s in spaces if s == "joint" or embeddings.has(s))
-    for space in _progress(spaces, progress and rank == 0, "pca"):
-        fits[space] = streamed_pca(embeddings, space, components, comm)
+    fits = {space: streamed_pca(embeddings, space, components, comm)
+            for space in _progress(spaces, progress and rank == 0, "pca")}
     if rank == 0:
-        import shutil
-
-        if path.exists():
-            shutil.rmtree(path)
-        results.mkdir(parents=True, exist_ok=True)
-        group = zarr.open_group(str(path), mode="w", zarr_format=3)
-        for space, fit in fits.items():
-            sub = group.create_group(space)
-            sub.create_array("mean", data=fit.mean.astype(np.float64))
-            sub.create_array("components", data=fit.components.astype(np.float64))
-            sub.create_array("explained_variance", data=fit.explained_variance.astype(np.float64))
-            sub.create_array("features", shape=(embeddings.n, fit.components.shape[0]), dtype="float32",
-                             chunks=(embeddings.chunk_rows, fit.components.shape[0]), fill_value=0)
-            sub.attrs.update({"n": fit.n, "total_variance": fit.total_variance})
-        group.attrs.update({"complete": False, "embeddings": embeddings.identity})
+        _create_store(path, results, embeddings, fits)
     if comm is not None:
-        comm.Barrier()
+        comm.Barrier()  # the store exists before any rank writes into it
     group = zarr.open_group(str(path), mode="r+")
     starts = list(embeddings.chunk_starts())[rank::world]
     for space, fit in fits.items():
         features = group[space]["features"]
         for start, block in embeddings.chunks(space, starts):
             features[start : start + len(block)] = fit.transform(block)
-    if comm is not None:
-        comm.Barrier()
+    return fits
+
+
+def _create_store(path: Path, results: Path, embeddings: Embeddings, fits: dict[str, PCAFit]) -> None:
+    if path.exists():
+        shutil.rmtree(path)
+    results.mkdir(parents=True, exist_ok=True)
+    group = zarr.open_group(str(path), mode="w", zarr_format=3)
+    for space, fit in fits.items():
+        sub = group.create_group(space)
+        sub.create_array("mean", data=fit.mean.astype(np.float64))
+        sub.create_array("components", data=fit.components.astype(np.float64))
+        sub.create_array("explained_variance", data=fit.explained_variance.astype(np.float64))
+        sub.create_array("features", shape=(embeddings.n, fit.components.shape[0]), dtype="float32",
+                         chunks=(embeddings.chunk_rows, fit.components.shape[0]), fill_value=0)
+        sub.attrs.update({"n": fit.n, "total_variance": fit.total_variance})
+    group.attrs.update({"complete": False, "embeddings": embeddings.identity})
+
+
+def _summarise(embeddings: Embeddings, results: Path, fits: dict[str, PCAFit], log) -> dict:  # noqa: ANN001
+    """Rank 0: pca.json, pca.png, the store marked complete, one line per space."""
     summary = {}
-    if rank == 0:
-        for space, fit in fits.items():
-            ratio = fit.explained_variance_ratio
-            cumulative = np.cumsum(ratio)
-            summary[space] = {
-                "n": fit.n, "dim": int(fit.mean.shape[0]), "components": int(len(ratio)),
-                "explained_variance_ratio": [round(float(r), 6) for r in ratio],
-                "explained_by_components": float(cumulative[-1]),
-                "components_for_90pct": int(np.searchsorted(cumulative, 0.9) + 1) if cumulative[-1] >= 0.9 else None,
-            }
-        plot_explained_variance(summary, results / "pca.png")
-        group.attrs.update({"complete": True})
-        write_json(results / "pca.json", {"embeddings": embeddings.identity, "checkpoint": embeddings.checkpoint,
-                                          "spaces": summary, "png": "pca.png"})
-        for space, item in summary.items():
-            log(f"pca {space}: {item['components']} of {item['dim']} dims explain "
-                f"{100 * item['explained_by_components']:.1f}% of the variance")
+    for space, fit in fits.items():
+        ratio = fit.explained_variance_ratio
+        cumulative = np.cumsum(ratio)
+        summary[space] = {
+            "n": fit.n, "dim": int(fit.mean.shape[0]), "components": int(len(ratio)),
+            "explained_variance_ratio": [round(float(r), 6) for r in ratio],
+            "explained_by_components": float(cumulative[-1]),
+            "components_for_90pct": int(np.searchsorted(cumulative, 0.9) + 1) if cumulative[-1] >= 0.9 else None,
+        }
+    plot_explained_variance(summary, results / "pca.png")
+    zarr.open_group(str(pca_path(results)), mode="r+").attrs.update({"complete": True})
+    write_result(results / "pca.json", PCAResult(
+        embeddings=embeddings.identity, checkpoint=embeddings.checkpoint,
+        spaces={space: PCASpace(**item) for space, item in summary.items()}, png="pca.png"))
+    for space, item in summary.items():
+        log(f"pca {space}: {item['components']} of {item['dim']} dims explain "
+            f"{100 * item['explained_by_components']:.1f}% of the variance")
     return summary
 
 
 def _progress(items, show: bool, desc: str):
     if not show:
         return items
-    from tqdm import tqdm
-
     return tqdm(items, desc=desc, unit="space", dynamic_ncols=True)
 
 

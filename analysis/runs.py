@@ -6,12 +6,16 @@ architecture (seeded by ``train.seed``), the baseline that shows what training b
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from catalog.runinfo import ConfigError
+from training.config import TrainingConfig, load_training_config
 
 __all__ = ["AnalysisError", "RunDir", "Checkpoint", "RANDOM"]
 
@@ -65,14 +69,18 @@ class RunDir:
         return self.root / "report"
 
     # -- what the run holds --
-    def training_config(self):
-        from catalog.runinfo import ConfigError
-        from training.config import load_training_config
-
+    def training_config(self) -> TrainingConfig:
+        """The run's config.toml, parsed once per version of the file: one embed asks for it three times (the
+        random checkpoint's hash, the selection, the model), and `all` and `evolution` many more."""
+        path = self.root / "config.toml"
         try:
-            return load_training_config(str(self.root / "config.toml"))
+            try:
+                stat = path.stat()
+            except OSError:
+                return load_training_config(str(path))  # missing or unreadable: the loader says why
+            return _training_config_of(str(path.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns)
         except (ConfigError, ValueError) as exc:
-            raise AnalysisError(f"{self.root / 'config.toml'}: {exc}") from None
+            raise AnalysisError(f"{path}: {exc}") from None
 
     def checkpoint_names(self) -> list[str]:
         """Kept checkpoints, oldest first: epoch_NNNN in epoch order, then last."""
@@ -94,6 +102,9 @@ class RunDir:
         if name not in names:
             raise AnalysisError(f"{self.root}: no checkpoint {name!r}; it has {', '.join(names)} (and 'random')")
         path = self.checkpoints_dir / f"{name}.pt"
+        # torch here, not at the top: analysis.runs is imported by every analysis module for AnalysisError and the
+        # run layout, among them store, pca, report and compare, which need no torch (nor do PCA's ranks); importing
+        # torch costs 1.6-2.0 s of start-up (`python -X importtime`, 2-core machine).
         import torch
 
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -107,8 +118,9 @@ class RunDir:
 
     def load_model(self, checkpoint: Checkpoint, device=None):
         """(VICReg model in eval mode, TrainingConfig, model spec) with the checkpoint's weights."""
+        # torch (both modules import it): kept out of analysis.runs' own imports, see checkpoint().
         from training.checkpoint import CheckpointError, load_checkpoint, model_differences
-        from training.train import initial_model, model_spec
+        from training.model import initial_model, model_spec
 
         config = self.training_config()
         spec = model_spec(config)
@@ -140,9 +152,14 @@ class RunDir:
 
 
 def _model_dict(config) -> dict:
-    import dataclasses
-
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config.model).items()}
+
+
+@functools.lru_cache(maxsize=16)
+def _training_config_of(path: str, inode: int, size: int, mtime_ns: int) -> TrainingConfig:
+    # Keyed by inode, size and mtime too: training rewrites config.toml (a new file renamed over it) when it resumes,
+    # and a rewritten file is parsed anew. An error is not cached (lru_cache keeps results only).
+    return load_training_config(path)
 
 
 def _sha256(path: Path) -> str:

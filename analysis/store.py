@@ -6,19 +6,22 @@
 ever writes whole chunks of its own, so ranks never share a chunk file. ``attrs["complete"]`` is set last, by
 rank 0, after every rank has finished: readers refuse a store without it.
 
-This module imports no torch: PCA of a million rows runs in a process that holds only numpy and zarr.
+This module imports no torch: PCA of a million rows runs in processes without it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
+import zarr
 
 from analysis.runs import AnalysisError
 
@@ -31,10 +34,6 @@ SPACES = ("rgb", "ir", "joint")  # joint: the two backbone embeddings side by si
 def create_embedding_store(path: Path, keys: list[str], dims: dict[str, tuple[int, str]], chunk_rows: int,
                            attrs: dict[str, Any]) -> None:
     """A fresh, incomplete store (an old one at ``path`` is replaced)."""
-    import shutil
-
-    import zarr
-
     if path.exists():
         shutil.rmtree(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -124,8 +123,6 @@ class Embeddings:
 
 
 def open_embeddings(path: Path) -> Embeddings:
-    import zarr
-
     if not path.exists():
         raise AnalysisError(f"{path}: no embeddings (run `analysis embed` first)")
     try:
@@ -149,8 +146,6 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 
 def write_parquet(table, path: Path) -> None:
     """A pyarrow table to Parquet, atomically."""
-    import pyarrow.parquet as pq
-
     tmp = path.with_name(path.name + ".tmp")
     pq.write_table(table, tmp)
     os.replace(tmp, path)
@@ -158,6 +153,10 @@ def write_parquet(table, path: Path) -> None:
 
 def pyplot():
     """matplotlib.pyplot on the Agg backend (no display needed)."""
+    # matplotlib here, at the first figure, not when analysis.store is imported: choosing the backend is a
+    # process-wide setting that must come before pyplot's import (an interactive session that imports analysis keeps
+    # its own until it draws through us), and pyplot costs 0.5-0.7 s of start-up that embed, and PCA's ranks but
+    # rank 0, do not need: they draw nothing.
     import matplotlib
 
     matplotlib.use("Agg")

@@ -1,31 +1,19 @@
 """`analysis tsne`: 2-D openTSNE maps of the PCA features, coloured by catalog metadata, and a map that links each
 sample's RGB and IR expander outputs.
 
-openTSNE (FFT gradients, PCA initialisation, 500 normal iterations: its defaults; early exaggeration 125 iterations
-from 10k points up, openTSNE's 250 below, see ``FFT_EARLY_ITER``) runs on ``pca.zarr``'s ``<space>/features``, for
-``joint``, ``rgb`` and ``ir``: every row up to ``tsne.max_points``, else one seeded random sample of that many rows (the
-same rows for every space, so the maps are comparable). The k nearest neighbours (k = 3 x perplexity, openTSNE's own
-rule) are exact, over every pair (:func:`analysis.neighbours.topk_neighbours`), and handed to openTSNE as
-``PrecomputedNeighbors``. Cluster pruning read 32% of the pairs on the bench's blobs and was slower than every pair,
-so it is not tried here (see :func:`_neighbours`); openTSNE's Annoy took 43 s.
+openTSNE (FFT gradients, PCA initialisation, 500 normal iterations: its defaults; early exaggeration stops after
+``FFT_EARLY_ITER`` iterations from ``FFT_EARLY_ITER_FROM`` points up, openTSNE's 250 below) runs on ``pca.zarr``'s
+``<space>/features``, for ``joint``, ``rgb`` and ``ir``: every row up to ``tsne.max_points``, else one seeded random
+sample of that many rows (the same rows for every space, so the maps are comparable). The k nearest neighbours
+(k = 3 x perplexity, openTSNE's own rule) are exact, over every pair (:func:`analysis.neighbours.topk_neighbours`;
+:func:`_neighbours` says why not pruned), and handed to openTSNE as ``PrecomputedNeighbors``: exact, and faster than
+openTSNE's own Annoy index.
 
-Measured on the 2-core machine, bench/analysis.py's 100k x 50 (300 blobs + 3% background), k = 90, n_jobs 2, quiet
-machine: the whole map 166 s = kNN 24.1 (torch's import included; 15-18 s for the search itself) + affinities 3.4 +
-125 + 500 iterations 136.8; KL 2.2775, a point's nearest map point from its own blob 96.8%. With openTSNE's 250
-early iterations the iterations took 155.7 s (234.8 CPU-s, against 135.2 s / 196.8 CPU-s for 125, same run pair)
-for the same KL (2.2773) and figure (96.8%); the whole map was 183-186 s. So the 150 s target was missed by ~16 s.
-Where an iteration goes: a late one (map span ~177) costs 0.29-0.35 s, of which the repulsive FFT term is 0.20-0.29 s
-on ONE thread whatever n_jobs (openTSNE runs its interpolation and FFT serially; the PyPI wheel uses numpy's
-single-threaded pocketfft, FFTW only when built from source against it, and openTSNE never turns on FFTW's threads)
-and the attractive term over P's 126 entries a row 80-90 ms on two threads (126-173 ms on one). Both are outside the
-GIL, so :class:`OverlappedFFTGradient` runs them at once (the attractive term on the other core): a late iteration
-0.28 s, the 625 iterations 112 s instead of 138 s, the whole map 142 s (KL 2.2801, 96.8%). Tried and not kept:
-``ints_in_interval`` 2 (the FFT term 3.4x cheaper on the late grid, but KL 2.407 after the 500 iterations and worse
-KL at equal CPU-seconds all along; openTSNE's maintainers found coarser grids slow convergence too), stopping the
-normal phase early (the nearest-point figure is flat from ~150 normal iterations on, but KL is still falling 1% per
-50 iterations at 500: 2.303 at 450, 2.359 at 350, so that would be a less converged map, not a free saving), and
-embedding a 25k sample then ``transform``-ing the rest (142 s without the kNN, 95.7%: the FFT cost follows the map's
-span, not n).
+Most of an iteration is two terms: the repulsive FFT term, which openTSNE runs on one thread whatever n_jobs, and
+the attractive term over P's nonzeros. Both release the GIL for most of their run, so
+:class:`OverlappedFFTGradient` runs them at once. It calls openTSNE internals (``OPENTSNE_INTERNALS``), checked
+when this module is imported and pinned by tests. Timings, and the settings measured and not kept:
+bench/RESULTS.md, "2026-12-04 docstring figures moved here (analysis)".
 
 Writes into the checkpoint's results directory:
 
@@ -39,15 +27,32 @@ Writes into the checkpoint's results directory:
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import openTSNE
+import pandas as pd
+import pyarrow as pa
+import torch
+from matplotlib.collections import LineCollection
+from openTSNE import TSNE
+from openTSNE.affinity import PerplexityBasedNN
+from openTSNE.nearest_neighbors import PrecomputedNeighbors
+from sklearn.decomposition import PCA
+from tqdm import tqdm
 
 from analysis.config import TSNEConfig
+from analysis.metadata import sample_metadata
+from analysis.neighbours import l2_normalise, topk_neighbours
+from analysis.pca import open_pca
+from analysis.results import TSNELink, TSNEResult, TSNESettings, TSNESpace, result_json, write_result
 from analysis.runs import AnalysisError
-from analysis.store import Embeddings, pyplot, save_figure, write_json, write_parquet
+from analysis.store import Embeddings, pyplot, save_figure, write_parquet
 
 __all__ = ["tsne_embed", "run_tsne", "link_distances", "plot_space", "TSNE_SPACES", "PANEL_COLUMNS"]
 
@@ -69,6 +74,60 @@ MAX_LEGEND = 20  # categories named in a legend; the rest are drawn but summaris
 SERIAL_BELOW = 10_000
 
 
+# -- openTSNE internals ---------------------------------------------------------------------------------------
+
+# What OverlappedFFTGradient calls that is not openTSNE's public API (written against openTSNE 1.0.x): name under
+# ``openTSNE.`` -> (parameters it passes by position, in this order; parameters it passes by keyword), or None for a
+# constant. Checked when this module is imported, and their results pinned by tests/test_analysis_tsne.py.
+OPENTSNE_INTERNALS: dict[str, tuple[tuple[str, ...], tuple[str, ...]] | None] = {
+    "_tsne.estimate_negative_gradient_fft_2d": (
+        ("embedding", "gradient"), ("n_interpolation_points", "min_num_intervals", "ints_in_interval", "dof")),
+    "_tsne.estimate_positive_gradient_nn": (
+        ("indices", "indptr", "P_data", "embedding", "reference_embedding", "gradient", "dof"),
+        ("num_threads", "should_eval_error")),
+    "tsne.kl_divergence_fft": (
+        ("embedding", "P", "dof", "fft_params", "reference_embedding", "should_eval_error"), ("n_jobs",)),
+    "tsne.EPSILON": None,
+}
+
+
+def _opentsne_internals() -> dict:
+    """name -> object of every ``OPENTSNE_INTERNALS`` entry; ImportError naming openTSNE's version when one is
+    missing or does not take the parameters OverlappedFFTGradient passes."""
+    found, problems = {}, []
+    for name, params in OPENTSNE_INTERNALS.items():
+        module, attribute = name.rsplit(".", 1)
+        try:
+            found[name] = value = getattr(importlib.import_module(f"openTSNE.{module}"), attribute)
+        except (ImportError, AttributeError):
+            problems.append(f"openTSNE.{name} is missing")
+            continue
+        if params is None:
+            continue
+        positional, keywords = params
+        try:
+            signature = inspect.signature(value)
+        except (TypeError, ValueError):
+            problems.append(f"openTSNE.{name} has no signature to check")
+            continue
+        names = list(signature.parameters)
+        if names[: len(positional)] != list(positional) or not set(keywords) <= set(names):
+            problems.append(f"openTSNE.{name}{signature} does not take ({', '.join(positional)}, ..., "
+                            f"{'=, '.join(keywords)}=)")
+    if problems:
+        raise ImportError(f"analysis.tsne: openTSNE {getattr(openTSNE, '__version__', '(version unknown)')} is not "
+                          f"the openTSNE 1.0.x whose internals OverlappedFFTGradient calls: {'; '.join(problems)}. "
+                          "Install openTSNE 1.0.x, or update OverlappedFFTGradient and OPENTSNE_INTERNALS to it.")
+    return found
+
+
+_INTERNALS = _opentsne_internals()
+_negative_gradient_fft_2d = _INTERNALS["_tsne.estimate_negative_gradient_fft_2d"]
+_positive_gradient_nn = _INTERNALS["_tsne.estimate_positive_gradient_nn"]
+_kl_divergence_fft = _INTERNALS["tsne.kl_divergence_fft"]
+_EPSILON = _INTERNALS["tsne.EPSILON"]
+
+
 # -- t-SNE -----------------------------------------------------------------------------------------------------
 
 def _openmp_jobs(n_jobs: int) -> int:
@@ -79,9 +138,8 @@ def _openmp_jobs(n_jobs: int) -> int:
 class OverlappedFFTGradient:
     """openTSNE's FFT objective (``kl_divergence_fft``) with its two halves at once: the repulsive term, which openTSNE
     runs on one thread whatever n_jobs, on a second Python thread, while the attractive term over P's nonzeros uses
-    the other ``n_jobs - 1`` threads. openTSNE runs them one after the other, so on 2 cores one core idled through
-    the repulsive term: at 100k points a late iteration was 0.34 s in sequence and 0.28 s overlapped (the repulsive
-    term alone 0.27 s). The attractive term releases the GIL; the repulsive one holds it for about half its run,
+    the other ``n_jobs - 1`` threads. openTSNE runs them one after the other, so on 2 cores one core idles through
+    the repulsive term. The attractive term releases the GIL; the repulsive one holds it for about half its run,
     which the attractive term does not need.
 
     A callable objective is openTSNE's own extension point (``negative_gradient_method``); this one computes the same
@@ -91,8 +149,6 @@ class OverlappedFFTGradient:
     """
 
     def __init__(self, n_jobs: int):
-        from concurrent.futures import ThreadPoolExecutor
-
         self.n_jobs = max(int(n_jobs), 1)
         self.attractive_threads = max(self.n_jobs - 1, 1)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tsne-repulsive")
@@ -101,23 +157,19 @@ class OverlappedFFTGradient:
         self._pool.shutdown(wait=True)
 
     def __call__(self, embedding, P, dof, fft_params, reference_embedding=None, should_eval_error=False, **_):
-        from openTSNE import _tsne
-        from openTSNE.tsne import EPSILON, kl_divergence_fft
-
         if reference_embedding is not None:
             raise ValueError("OverlappedFFTGradient makes maps; add points to one with openTSNE's own 'fft' objective")
         if embedding.ndim != 2 or embedding.shape[1] != 2:  # not a 2-D map: openTSNE's own, in sequence
-            return kl_divergence_fft(embedding, P, dof, fft_params, None, should_eval_error, n_jobs=self.n_jobs)
+            return _kl_divergence_fft(embedding, P, dof, fft_params, None, should_eval_error, n_jobs=self.n_jobs)
         repulsive = np.zeros_like(embedding, dtype=np.float64, order="C")
         attractive = np.zeros_like(embedding, dtype=np.float64, order="C")
-        sum_q = self._pool.submit(_tsne.estimate_negative_gradient_fft_2d, embedding, repulsive, **fft_params,
-                                  dof=dof)
-        sum_p, kl_divergence = _tsne.estimate_positive_gradient_nn(
+        sum_q = self._pool.submit(_negative_gradient_fft_2d, embedding, repulsive, **fft_params, dof=dof)
+        sum_p, kl_divergence = _positive_gradient_nn(
             P.indices, P.indptr, P.data, embedding, embedding, attractive, dof,
             num_threads=self.attractive_threads, should_eval_error=should_eval_error)
         sum_q = sum_q.result()
         if should_eval_error:
-            kl_divergence += sum_p * np.log(sum_q + EPSILON)
+            kl_divergence += sum_p * np.log(sum_q + _EPSILON)
         repulsive += attractive
         return kl_divergence, repulsive
 
@@ -126,14 +178,10 @@ def _neighbours(x: np.ndarray, k: int, n_jobs: int) -> tuple[np.ndarray, np.ndar
     """Exact euclidean kNN of every row among the others: (indices, distances float64, details), n x k, nearest
     first: :func:`analysis.neighbours.topk_neighbours` over every pair.
 
-    Every pair, not :func:`analysis.neighbours.pruned_neighbours`: on 100k x 50 blobs (300 blobs, 3% background,
-    the bench's) pruning still read 32% of the pairs (nearby blobs are within reach of each other in 50-d) and
-    took 54 s on one thread against 16-23 s for every pair on two, and its probe costs ~5.6 s where it gives up.
+    Every pair, not :func:`analysis.neighbours.pruned_neighbours`: in 50-d PCA features nearby clusters are within
+    reach of each other, so pruning still reads a large share of the pairs, is slower than every pair, and where it
+    gives up its probe is time lost.
     """
-    import torch
-
-    from analysis.neighbours import topk_neighbours
-
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(n_jobs if n_jobs > 0 else threads)
@@ -147,10 +195,6 @@ def _neighbours(x: np.ndarray, k: int, n_jobs: int) -> tuple[np.ndarray, np.ndar
 def _embed(features: np.ndarray, perplexity: float, n_jobs: int, seed: int, progress: str | None = None,
            knn: str = "exact") -> tuple[np.ndarray, dict]:
     """(n x 2 map, details: effective perplexity, k, seconds per stage, final KL divergence)."""
-    from openTSNE import TSNE
-    from openTSNE.affinity import PerplexityBasedNN
-    from openTSNE.nearest_neighbors import PrecomputedNeighbors
-
     x = np.ascontiguousarray(features, dtype=np.float32)
     n = len(x)
     if x.ndim != 2:
@@ -170,8 +214,6 @@ def _embed(features: np.ndarray, perplexity: float, n_jobs: int, seed: int, prog
     early_iter = FFT_EARLY_ITER if n >= FFT_EARLY_ITER_FROM else EARLY_EXAGGERATION_ITER
     bar, overlapped = None, None
     if progress:
-        from tqdm import tqdm
-
         bar = tqdm(total=early_iter + N_ITER, desc=progress, unit="it", dynamic_ncols=True)
         bar.set_postfix_str(f"{k}-NN of {n}")
     try:
@@ -254,10 +296,6 @@ def link_distances(first: np.ndarray, second: np.ndarray, chunk: int = 1024) -> 
 def _link_map(embeddings: Embeddings, config: TSNEConfig, seed: int, n_jobs: int, out: Path,
               progress: bool) -> tuple[dict | None, str | None]:
     """(summary, None), or (None, why the plot was skipped)."""
-    from sklearn.decomposition import PCA
-
-    from analysis.neighbours import l2_normalise
-
     missing = [name for name in ("rgb_z", "ir_z") if not embeddings.has(name)]
     if missing:
         return None, (f"no {' or '.join(missing)} in the embeddings (embedded with embed.projections = false): "
@@ -290,8 +328,6 @@ def _marker_size(n: int) -> float:
 
 def _categories(values) -> tuple[list, np.ndarray]:
     """(category labels, most frequent first but months/booleans in their natural order; codes, -1 = missing)."""
-    import pandas as pd
-
     series = pd.Series(values, dtype=object)
     present = series.notna() & series.map(lambda v: not (isinstance(v, float) and np.isnan(v)))
     labels = series[present].map(_label)
@@ -334,8 +370,6 @@ def _panel(ax, xy: np.ndarray, values, column: str, order: np.ndarray, size: flo
     ax.set_xticks([])
     ax.set_yticks([])
     if column == "hour_local":
-        import pandas as pd
-
         hours = pd.to_numeric(pd.Series(values, dtype=object), errors="coerce").to_numpy(dtype=float)
         missing = np.isnan(hours)
         if missing.any():
@@ -388,8 +422,6 @@ def plot_space(xy: np.ndarray, metadata, space: str, out: Path, seed: int = 0, t
 
 
 def _plot_link(rgb: np.ndarray, ir: np.ndarray, summary: dict, out: Path) -> Path:
-    from matplotlib.collections import LineCollection
-
     plt = pyplot()
     m = len(rgb)
     size = float(np.clip(2 * _marker_size(2 * m), 1.0, 14.0))
@@ -414,8 +446,6 @@ def _plot_link(rgb: np.ndarray, ir: np.ndarray, summary: dict, out: Path) -> Pat
 
 def _metadata(dataset, embeddings: Embeddings, keys: np.ndarray, log):
     """Catalog metadata of ``keys`` (None, said once, when the dataset is not here)."""
-    from analysis.metadata import sample_metadata
-
     root = dataset if dataset is not None else embeddings.attrs.get("dataset")
     if root is None or not Path(root).exists():
         log(f"tsne: dataset {root!r} not found here: maps are drawn without metadata colours (pass --dataset)")
@@ -432,8 +462,6 @@ def _sample(n: int, max_points: int, seed: int) -> tuple[np.ndarray, bool]:
 
 
 def _write_maps(frames: list[dict], out: Path) -> None:
-    import pyarrow as pa
-
     table = pa.concat_tables([pa.table({
         "key": pa.array(f["key"], type=pa.string()),
         "space": pa.array([f["space"]] * len(f["key"]), type=pa.string()).dictionary_encode(),
@@ -447,8 +475,6 @@ def _write_maps(frames: list[dict], out: Path) -> None:
 def run_tsne(embeddings: Embeddings, results_dir: Path, config: TSNEConfig, seed: int = 0, dataset=None,
              log=print, progress: bool = True) -> dict:
     """t-SNE maps of every PCA space ("joint", then "rgb", "ir") and the RGB-IR link map; returns tsne.json."""
-    from analysis.pca import open_pca
-
     results_dir = Path(results_dir)
     group = open_pca(results_dir)
     if group.attrs.get("embeddings") != embeddings.identity:
@@ -479,8 +505,8 @@ def run_tsne(embeddings: Embeddings, results_dir: Path, config: TSNEConfig, seed
         png = results_dir / f"tsne_{space}.png"
         plot_space(xy, metadata, space, png, seed)
         pngs.append(png.name)
-        report[space] = {"points": int(len(rows)), "sampled": sampled, "seconds": round(seconds, 2),
-                         "features": int(x.shape[1]), **details}
+        report[space] = TSNESpace.of(points=int(len(rows)), sampled=sampled, seconds=round(seconds, 2),
+                                     features=int(x.shape[1]), details=details)
         log(f"tsne {space}: {len(rows):,} points in {seconds:.0f} s (kNN {details['knn_seconds']:.0f} s, "
             f"optimisation {details['optimise_seconds']:.0f} s)")
     _write_maps(frames, results_dir / "tsne.parquet")
@@ -491,13 +517,12 @@ def run_tsne(embeddings: Embeddings, results_dir: Path, config: TSNEConfig, seed
             f"{link['random_distance']:.2f} for random pairs (ratio {link['ratio']:.3f})")
     else:
         log(f"tsne link: {skipped}")
-    summary = {
-        "embeddings": embeddings.identity, "checkpoint": embeddings.checkpoint, "seed": seed,
-        "config": {"max_points": config.max_points, "perplexity": config.perplexity, "n_jobs": config.n_jobs,
-                   "link_pairs": config.link_pairs},
-        "n": n, "sampled": sampled, "spaces": report, "parquet": "tsne.parquet",
-        "columns": [c for c in PANEL_COLUMNS if metadata is not None and c in metadata.columns],
-        "link": link, "link_skipped": skipped, "pngs": pngs,
-    }
-    write_json(results_dir / "tsne.json", summary)
-    return summary
+    record = TSNEResult(
+        embeddings=embeddings.identity, checkpoint=embeddings.checkpoint, seed=seed,
+        config=TSNESettings(max_points=config.max_points, perplexity=config.perplexity, n_jobs=config.n_jobs,
+                            link_pairs=config.link_pairs),
+        n=n, sampled=sampled, spaces=report, parquet="tsne.parquet",
+        columns=[c for c in PANEL_COLUMNS if metadata is not None and c in metadata.columns],
+        link=TSNELink(**link) if link is not None else None, link_skipped=skipped, pngs=pngs)
+    write_result(results_dir / "tsne.json", record)
+    return result_json(record)

@@ -42,7 +42,28 @@ SELECTION_COLUMNS = (
 
 
 class CatalogError(ValueError):
-    """A query or selection the catalog cannot answer; the message says why and lists the views."""
+    """A query or selection the catalog cannot answer.
+
+    Structured, so a caller words its own message from the parts instead of cutting up this one's text:
+    ``reason`` is one line (DuckDB's first line, or what is missing), ``detail`` all of DuckDB's text, ``where``
+    the filter that failed (None for a whole statement or no filter), ``dataset`` the dataset root, ``views`` the
+    help listing the views' columns. ``str()`` is the full message a command prints.
+    """
+
+    def __init__(self, reason: str, *, dataset: str | os.PathLike[str] | None = None, where: str | None = None,
+                 views: str = "") -> None:
+        self.detail = str(reason).strip()
+        self.reason = _first_line(reason)
+        self.dataset = None if dataset is None else str(dataset)
+        self.where = where
+        self.views = views
+        head = self.detail if where is None else f"bad --where {where!r}: {self.detail}"
+        super().__init__(head + (f"\n\n{views}" if views else ""))
+
+
+def _first_line(text: str) -> str:
+    lines = str(text).strip().splitlines()
+    return lines[0].strip() if lines else str(text)
 
 
 def sql_string(value: str) -> str:
@@ -60,7 +81,8 @@ class Catalog:
     def __init__(self, dataset: str | os.PathLike[str]) -> None:
         self.layout = DatasetLayout(dataset)
         if not self.layout.exists():
-            raise CatalogError(f"{self.layout.root}: not a sagepairs dataset (no catalog/ directory)")
+            raise CatalogError(f"{self.layout.root}: not a sagepairs dataset (no catalog/ directory)",
+                               dataset=self.layout.root)
         self.con = duckdb.connect(":memory:")
         self.con.execute("SET TimeZone = 'UTC'")
         self._create_views()
@@ -146,7 +168,7 @@ class Catalog:
             relation = self.con.sql(sql, params=params or None)
             table = relation.to_arrow_table() if relation is not None else pa.table({})
         except duckdb.Error as exc:
-            raise CatalogError(f"{exc}\n\n{self.views_help()}") from None
+            raise CatalogError(str(exc), dataset=self.layout.root, views=self.views_help()) from None
         return table
 
     def nodes(self) -> pa.Table:
@@ -174,7 +196,8 @@ class Catalog:
         try:
             table = self.con.sql(sql, params=params or None).to_arrow_table()
         except duckdb.Error as exc:
-            raise CatalogError(f"bad --where {where!r}: {exc}\n\n{self.views_help()}") from None
+            raise CatalogError(str(exc), dataset=self.layout.root, where=where or "",
+                               views=self.views_help()) from None
         metadata = {
             b"sagepairs.dataset": str(self.layout.root.resolve()).encode(),
             b"sagepairs.where": (where or "").encode(),

@@ -16,7 +16,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from training.config import ModelConfig
-from training.distributed import all_mean, init_distributed
+from training.distributed import all_mean, process_group
 from training.model import VICReg, vicreg_loss
 
 BATCH = 8
@@ -37,19 +37,19 @@ def model() -> VICReg:
 
 
 def main(out: str) -> int:
-    info = init_distributed(timeout_s=60, use_cuda=False)
-    net = model()
-    wrapped = DistributedDataParallel(net) if info.world_size > 1 else net
-    first, second = inputs()
-    per_rank = BATCH // info.world_size
-    rows = slice(info.rank * per_rank, (info.rank + 1) * per_rank)
-    z_a, z_b, _, _ = wrapped(first[rows], second[rows])
-    loss, _ = vicreg_loss(z_a, z_b)
-    loss.backward()
-    mean_loss = all_mean(loss.detach().reshape(1))
-    if info.rank == 0:
-        grads = {name: p.grad.detach().clone() for name, p in net.named_parameters() if p.grad is not None}
-        torch.save({"loss": mean_loss.item(), "grads": grads, "world_size": info.world_size}, out)
+    with process_group(timeout_s=60, use_cuda=False) as info:
+        net = model()
+        wrapped = DistributedDataParallel(net) if info.world_size > 1 else net
+        first, second = inputs()
+        per_rank = BATCH // info.world_size
+        rows = slice(info.rank * per_rank, (info.rank + 1) * per_rank)
+        z_a, z_b, _, _ = wrapped(first[rows], second[rows])
+        loss, _ = vicreg_loss(z_a, z_b)
+        loss.backward()
+        mean_loss = all_mean(loss.detach().reshape(1))
+        if info.rank == 0:
+            grads = {name: p.grad.detach().clone() for name, p in net.named_parameters() if p.grad is not None}
+            torch.save({"loss": mean_loss.item(), "grads": grads, "world_size": info.world_size}, out)
     return 0
 
 

@@ -70,6 +70,7 @@ def test_embed_writes_zarr_v3_arrays_in_catalog_order(trained_run_copy, built):
     assert before == {p: p.stat().st_mtime_ns for p in result.path.rglob("*") if p.is_file()}
 
 
+@pytest.mark.mpi
 def test_two_ranks_embed_what_one_rank_embeds(trained_run_copy, tmp_path):
     config = small_chunk_config(tmp_path)
     one = embed(trained_run_copy, "last", config=SMALL_CHUNKS, progress=False, log=lambda m: None)
@@ -208,6 +209,7 @@ def test_streamed_pca_equals_in_memory_pca(tmp_path):
     assert (tmp_path / "results" / "pca.png").stat().st_size > 0
 
 
+@pytest.mark.mpi
 def test_pca_under_two_ranks_equals_one_rank(tmp_path):
     path = tmp_path / "e.zarr"
     synthetic_store(path, n=700, chunk_rows=64)

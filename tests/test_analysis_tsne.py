@@ -276,3 +276,133 @@ def test_independent_projections_are_no_closer_than_random(built, tmp_path):
     link = run_tsne(embeddings, results, TSNEConfig(perplexity=10, n_jobs=1, link_pairs=60), dataset=built,
                     **QUIET)["link"]
     assert link["ratio"] > 0.6
+
+
+# -- openTSNE internals ------------------------------------------------------------------------------------------
+# OverlappedFFTGradient calls openTSNE internals (openTSNE._tsne, openTSNE.tsne): these pin exactly what it relies
+# on, so an openTSNE upgrade that changes them fails here, saying what changed, instead of drawing other maps.
+
+def _small_problem(n: int = 60, seed: int = 0):
+    """A 2-D map and a symmetric, normalised sparse P (zero diagonal), as openTSNE's optimiser hands them over."""
+    import scipy.sparse as sparse
+
+    rng = np.random.default_rng(seed)
+    embedding = rng.normal(scale=3, size=(n, 2))
+    rows, cols = np.repeat(np.arange(n), 5), rng.integers(0, n, n * 5)
+    p = sparse.csr_matrix((rng.random(n * 5), (rows, cols)), shape=(n, n))
+    p.setdiag(0)
+    p.eliminate_zeros()
+    p = p + p.T
+    return embedding, sparse.csr_matrix(p / p.sum())
+
+
+def test_opentsne_internals_exist_with_the_signatures_used():
+    import inspect
+
+    import openTSNE
+    from openTSNE import _tsne
+    from openTSNE import tsne as opentsne_tsne
+
+    version = openTSNE.__version__
+    # Parameter names in order: OverlappedFFTGradient passes the leading ones by position, the rest by keyword.
+    expected = {
+        _tsne.estimate_negative_gradient_fft_2d: ["embedding", "gradient", "n_interpolation_points",
+                                                  "min_num_intervals", "ints_in_interval", "dof"],
+        _tsne.estimate_positive_gradient_nn: ["indices", "indptr", "P_data", "embedding", "reference_embedding",
+                                              "gradient", "dof", "num_threads", "should_eval_error"],
+        opentsne_tsne.kl_divergence_fft: ["embedding", "P", "dof", "fft_params", "reference_embedding",
+                                          "should_eval_error", "n_jobs"],
+    }
+    for function, names in expected.items():
+        got = list(inspect.signature(function).parameters)
+        assert got[: len(names)] == names, f"openTSNE {version}: {function.__name__}{inspect.signature(function)}"
+    assert 0 < opentsne_tsne.EPSILON < 1e-12, f"openTSNE {version}: tsne.EPSILON = {opentsne_tsne.EPSILON!r}"
+    # The module's own import-time check agrees and finds the same objects.
+    found = tsne_module._opentsne_internals()
+    assert found["_tsne.estimate_positive_gradient_nn"] is _tsne.estimate_positive_gradient_nn
+    assert set(found) == set(tsne_module.OPENTSNE_INTERNALS)
+
+
+def test_the_private_gradients_are_the_exact_tsne_gradient():
+    from openTSNE import _tsne
+
+    embedding, p = _small_problem()
+    diff = embedding[:, None] - embedding[None]
+    w = 1 / (1 + (diff**2).sum(axis=2))  # Student-t kernel, dof = 1
+    np.fill_diagonal(w, 0)
+    z = w.sum()
+    dense = p.toarray()
+    # Repulsive: -sum_j w_ij^2 (y_i - y_j) / Z, and Z, interpolated on the FFT grid (approximate).
+    repulsive = np.zeros_like(embedding)
+    sum_q = _tsne.estimate_negative_gradient_fft_2d(embedding, repulsive, n_interpolation_points=3,
+                                                    min_num_intervals=50, ints_in_interval=1, dof=1)
+    assert sum_q == pytest.approx(z, rel=1e-3)
+    exact = -((w**2)[:, :, None] * diff).sum(axis=1) / z
+    np.testing.assert_allclose(repulsive, exact, rtol=0, atol=5e-3 * np.abs(exact).max())  # measured: 1.3e-3
+    # Attractive: sum_j p_ij w_ij (y_i - y_j), exact; sum P and sum p log(p / w), which with log Z is KL(P || Q).
+    attractive = np.zeros_like(embedding)
+    sum_p, kl = _tsne.estimate_positive_gradient_nn(p.indices, p.indptr, p.data, embedding, embedding, attractive, 1,
+                                                    num_threads=1, should_eval_error=True)
+    np.testing.assert_allclose(attractive, ((dense * w)[:, :, None] * diff).sum(axis=1), rtol=1e-10, atol=1e-15)
+    assert sum_p == pytest.approx(1.0, rel=1e-12)
+    nz = dense > 0
+    exact_kl = float((dense[nz] * np.log(dense[nz] / (w[nz] / z))).sum())
+    assert kl + sum_p * np.log(sum_q + tsne_module._EPSILON) == pytest.approx(exact_kl, rel=1e-3)
+    # Without should_eval_error no KL is computed (OverlappedFFTGradient relies on it being 0 then, not garbage).
+    again = np.zeros_like(embedding)
+    assert _tsne.estimate_positive_gradient_nn(p.indices, p.indptr, p.data, embedding, embedding, again, 1,
+                                               num_threads=1, should_eval_error=False)[1] == 0
+    np.testing.assert_array_equal(again, attractive)
+
+
+def test_opentsne_calls_a_callable_objective_the_way_it_is_written_for():
+    from openTSNE import TSNE
+
+    x, _ = blobs(60, 3, 8, seed=6)
+    calls = []
+    objective = tsne_module.OverlappedFFTGradient(2)
+
+    def recording(*args, **kwargs):
+        calls.append((len(args), sorted(kwargs), sorted(kwargs.get("fft_params", {}))))
+        return objective(*args, **kwargs)
+
+    try:
+        TSNE(perplexity=10, early_exaggeration_iter=5, n_iter=5, n_jobs=1, random_state=0, verbose=False,
+             negative_gradient_method=recording).fit(x)
+    finally:
+        objective.close()
+    assert calls, "openTSNE no longer calls a callable negative_gradient_method"
+    positional, keywords, fft = calls[0]
+    # (embedding, P) by position; the rest by keyword, fft_params with the three keys passed on to the FFT term.
+    assert positional == 2 and {"dof", "fft_params", "reference_embedding", "should_eval_error"} <= set(keywords)
+    assert fft == ["ints_in_interval", "min_num_intervals", "n_interpolation_points"]
+
+
+def test_the_overlapped_map_is_opentsnes_public_fft_map():
+    from openTSNE import TSNE
+
+    x, _ = blobs(100, 3, 10, seed=7)
+    settings = dict(perplexity=10, early_exaggeration_iter=20, n_iter=30, initialization="pca", n_jobs=1,
+                    random_state=0, verbose=False)
+    public = TSNE(negative_gradient_method="fft", **settings).fit(x)
+    objective = tsne_module.OverlappedFFTGradient(2)
+    try:
+        ours = TSNE(negative_gradient_method=objective, **settings).fit(x)
+    finally:
+        objective.close()
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(public), rtol=0, atol=1e-8 * np.abs(public).max())
+    assert ours.kl_divergence == pytest.approx(public.kl_divergence, rel=1e-10)
+
+
+def test_a_changed_internal_is_a_clear_import_error(monkeypatch):
+    import openTSNE
+
+    monkeypatch.setitem(tsne_module.OPENTSNE_INTERNALS, "_tsne.estimate_negative_gradient_fft_3d", None)
+    with pytest.raises(ImportError, match=f"openTSNE {openTSNE.__version__}.*_tsne.estimate_negative_gradient_fft_3d "
+                                          "is missing"):
+        tsne_module._opentsne_internals()
+    monkeypatch.delitem(tsne_module.OPENTSNE_INTERNALS, "_tsne.estimate_negative_gradient_fft_3d")
+    monkeypatch.setitem(tsne_module.OPENTSNE_INTERNALS, "tsne.kl_divergence_fft",
+                        (("embedding", "P", "degrees_of_freedom"), ()))
+    with pytest.raises(ImportError, match=r"kl_divergence_fft\(.*does not take \(embedding, P, degrees_of_freedom"):
+        tsne_module._opentsne_internals()

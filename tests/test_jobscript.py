@@ -132,7 +132,8 @@ def test_slurm_directives_and_srun_line(site: Path) -> None:
                      "--requeue", "--open-mode=append", "--signal=B:USR1@120"):
         assert f"#SBATCH {expected}" in directives, expected
     assert any(d.startswith("#SBATCH --output=") for d in directives)
-    assert re.search(r"srun --nodes=3 --ntasks=6 --ntasks-per-node=2 --cpus-per-task=16 --cpu-bind=cores \\\n"
+    assert re.search(r"srun --nodes=3 --ntasks=6 --ntasks-per-node=2 --cpus-per-task=16 --cpu-bind=cores "
+                     r"--kill-on-bad-exit=1 \\\n"
                      r'\s+training run --config "\$CONFIG"', text)
     assert "mpi4py" in text  # says where rank and world size come from
     assert 'scontrol requeue "$JOB_ID"' in text and "SLURM_RESTART_COUNT" in text

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from catalog.runinfo import ConfigError
 
@@ -45,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # The library is imported after parsing, and only what the command needs: torch and timm take seconds to
+    # import, and `training --help` (0.4 s) or `init-config` need neither.
     if args.command == "init-config":
         from training.config import default_config_toml
 
@@ -77,8 +80,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"training jobscript: {exc}", file=sys.stderr)
             return 2
         if args.out:
-            from pathlib import Path
-
             out = Path(args.out)
             out.write_text(script)
             out.chmod(0o755)

@@ -306,7 +306,9 @@ def _launch_line(r: _Resolved) -> str:
                     "--depth", str(r.cpus_per_rank), "--cpu-bind", "depth"]
     else:
         launcher = ["srun", f"--nodes={s.nodes}", f"--ntasks={r.ranks}", f"--ntasks-per-node={s.ranks_per_node}",
-                    f"--cpus-per-task={r.cpus_per_rank}", "--cpu-bind=cores"]
+                    f"--cpus-per-task={r.cpus_per_rank}", "--cpu-bind=cores",
+                    # A rank that dies ends the step at once (Slurm's default lets the others run on).
+                    "--kill-on-bad-exit=1"]
     return " \\\n    ".join([" ".join(launcher), " ".join(_train_args(r))]) + " &"
 
 

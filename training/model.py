@@ -6,11 +6,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.config import ModelConfig
+from training.config import ModelConfig, TrainingConfig
 from training.distributed import SyncBatchNorm1d, gather_rows
+from training.transforms import tiled_size
 
 __all__ = ["ModelError", "build_backbone", "Expander", "VICReg", "vicreg_loss", "off_diagonal", "embedding_std",
-           "check_arch"]
+           "check_arch", "view_channels", "model_spec", "initial_model"]
 
 
 class ModelError(ValueError):
@@ -18,7 +19,7 @@ class ModelError(ValueError):
 
 
 def check_arch(name: str, key: str) -> None:
-    import timm
+    import timm  # about 3 s of import (its model registry) that commands importing this module may not need
 
     if not timm.is_model(name):
         close = timm.list_models(f"{name.split('_')[0]}_*")[:5]
@@ -29,7 +30,7 @@ def check_arch(name: str, key: str) -> None:
 def build_backbone(arch: str, patch: int, in_chans: int, img_hw: tuple[int, int], depth: int = 0,
                    drop_path: float = 0.0, key: str = "model") -> nn.Module:
     """A timm ViT from random init, its position embedding built for the true (H, W) patch grid."""
-    import timm
+    import timm  # about 3 s of import (see check_arch)
 
     check_arch(arch, key)
     if img_hw[0] % patch or img_hw[1] % patch:
@@ -108,3 +109,27 @@ def embedding_std(h: torch.Tensor) -> torch.Tensor:
     """Mean per-dimension std of L2-normalised embeddings: about 1/sqrt(D) when healthy, 0 when collapsed."""
     with torch.no_grad():
         return F.normalize(h.float(), dim=1).std(dim=0).mean()
+
+
+def view_channels(mode: str) -> tuple[int, int]:
+    """Channels of the first (RGB-slot) and second (IR-slot) view that a ``mode`` feeds the two branches."""
+    return (1 if mode == "grey-ir" else 3, 3 if mode == "ir3" else 1)
+
+
+def model_spec(config: TrainingConfig) -> dict:
+    """What fixes the model's shapes: saved in every checkpoint and compared on resume and in analysis."""
+    m, d = config.model, config.data
+    return {
+        "mode": m.mode, "rgb_arch": m.rgb_arch, "ir_arch": m.ir_arch, "rgb_patch": m.rgb_patch, "ir_patch": m.ir_patch,
+        "depth": m.depth, "expander": list(m.expander),
+        "first_hw": list(tiled_size(d.rgb_size, m.rgb_patch, d.fit)),
+        "second_hw": list(tiled_size(d.ir_size, m.ir_patch, d.fit)),
+        "channels": list(view_channels(m.mode)),
+    }
+
+
+def initial_model(config: TrainingConfig, spec: dict | None = None) -> VICReg:
+    """The model a run starts from: seeded by train.seed, so analysis' random-init baseline is exactly it."""
+    spec = model_spec(config) if spec is None else spec
+    torch.manual_seed(config.train.seed)
+    return VICReg(config.model, tuple(spec["first_hw"]), tuple(spec["second_hw"]), tuple(spec["channels"]))

@@ -27,6 +27,8 @@ def plot_loss(metrics: Path, out: Path) -> Path | None:
     rows = [r for r in read_jsonl(metrics) if r.get("loss") is not None]
     if not rows:
         return None
+    # matplotlib here, not at the top: Agg must be chosen before pyplot loads, and every rank and DataLoader
+    # worker imports this module while only rank 0 draws.
     import matplotlib
 
     matplotlib.use("Agg")

@@ -16,6 +16,7 @@ import signal
 import sys
 import time
 import tomllib
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ import pyarrow as pa
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
 
 import catalog
 from catalog.runinfo import config_to_dict, provenance
@@ -37,7 +39,18 @@ from training.checkpoint import (
     schedule_differences,
 )
 from training.config import TrainingConfig, config_toml
-from training.distributed import Dist, abort, all_mean, bcast, init_distributed, is_distributed, mpi_world
+from training.distributed import (
+    Dist,
+    abort,
+    all_mean,
+    bcast,
+    failure_line,
+    init_distributed,
+    is_distributed,
+    leave_process_group,
+    mpi_world,
+    watch_ranks,
+)
 from training.loader import (
     BatchViews,
     DevicePrefetcher,
@@ -45,12 +58,10 @@ from training.loader import (
     StepPlan,
     make_loader,
     selection_fingerprint,
-    view_channels,
 )
-from training.model import ModelError, VICReg, check_arch, embedding_std, vicreg_loss
+from training.model import ModelError, check_arch, embedding_std, initial_model, model_spec, vicreg_loss
 from training.optim import build_optimizer, lr_schedule
 from training.plots import plot_loss, read_jsonl
-from training.transforms import tiled_size
 
 __all__ = ["TrainingError", "RunPaths", "Plan", "preflight", "run_training", "vicreg_step", "EXIT_SIGNAL_BASE"]
 
@@ -117,23 +128,6 @@ def _first_line(text: str) -> str:
     return text.strip().splitlines()[0] if text.strip() else text
 
 
-def model_spec(config: TrainingConfig) -> dict[str, Any]:
-    m, d = config.model, config.data
-    return {
-        "mode": m.mode, "rgb_arch": m.rgb_arch, "ir_arch": m.ir_arch, "rgb_patch": m.rgb_patch, "ir_patch": m.ir_patch,
-        "depth": m.depth, "expander": list(m.expander),
-        "first_hw": list(tiled_size(d.rgb_size, m.rgb_patch, d.fit)),
-        "second_hw": list(tiled_size(d.ir_size, m.ir_patch, d.fit)),
-        "channels": list(view_channels(m.mode)),
-    }
-
-
-def initial_model(config: TrainingConfig, spec: dict[str, Any]) -> VICReg:
-    """The model a run starts from: seeded by train.seed, so analysis' random-init baseline is exactly it."""
-    torch.manual_seed(config.train.seed)
-    return VICReg(config.model, tuple(spec["first_hw"]), tuple(spec["second_hw"]), tuple(spec["channels"]))
-
-
 def _schedule(config: TrainingConfig, world_size: int, selection: pa.Table) -> dict[str, Any]:
     o, t = config.optim, config.train
     return {
@@ -176,13 +170,12 @@ def preflight(config: TrainingConfig, world_size: int, new_schedule: bool = Fals
     try:
         cat = catalog.open(d.dataset)
     except catalog.CatalogError as exc:
-        raise TrainingError(f"data.dataset: {_first_line(str(exc))}") from None
+        raise TrainingError(f"data.dataset: {exc.reason}") from None
     where = d.where.strip() or "TRUE"
     try:
         selection = cat.select(where)
     except catalog.CatalogError as exc:
-        message = _first_line(str(exc)).replace(f"bad --where {where!r}: ", "")
-        raise TrainingError(f"data.where {where!r} is not valid SQL over `samples`: {message}") from None
+        raise TrainingError(f"data.where {where!r} is not valid SQL over `samples`: {exc.reason}") from None
     global_batch = config.train.batch_size * world_size
     if selection.num_rows == 0:
         raise TrainingError(f"data.where {where!r} selects no samples in {d.dataset}")
@@ -290,7 +283,43 @@ def _truncate_jsonl(path: Path, start_step: int) -> None:
     tmp.replace(path)
 
 
+@dataclass(frozen=True)
+class Verdict:
+    """What the ranks decided together about the steps settled so far (every field reduced over the ranks)."""
+
+    signum: int = 0  # a stop signal any rank received
+    bad_step: int | None = None  # a step whose loss was not finite on any rank
+    save_due: bool = False  # a time-based save fell due on any rank's clock
+    settled_through: int = -1  # the last step whose flags are in
+
+    def merge(self, later: Verdict) -> Verdict:
+        return Verdict(max(self.signum, later.signum), self.bad_step if self.bad_step is not None else later.bad_step,
+                       self.save_due or later.save_due, max(self.settled_through, later.settled_through))
+
+    def saved(self) -> Verdict:
+        return Verdict(self.signum, self.bad_step, False, self.settled_through)
+
+
+class _RateWindow:
+    """Pairs per second and the share of time spent waiting for data, since the last log line."""
+
+    def __init__(self) -> None:
+        self.started, self.wait, self.steps = time.perf_counter(), 0.0, 0
+
+    def add_wait(self, seconds: float) -> None:
+        self.wait += seconds
+
+    def add_step(self) -> None:
+        self.steps += 1
+
+    def rates(self, global_batch: int) -> tuple[float, float]:
+        elapsed = time.perf_counter() - self.started
+        return self.steps * global_batch / elapsed, self.wait / elapsed
+
+
 class Trainer:
+    clock = staticmethod(time.monotonic)  # the time-based save's clock; each rank's own (see _flags)
+
     def __init__(self, plan: Plan, dist_info: Dist, argv: list[str] | None, progress: bool) -> None:
         self.plan, self.dist, self.argv, self.progress = plan, dist_info, argv, progress
         self.config = plan.config
@@ -298,6 +327,7 @@ class Trainer:
         self.steps = plan.step_plan
         self.stop = StopFlag()
         self.autocast, self.precision = _autocast(self.config, dist_info.device)
+        self.step = plan.start_step
 
     def log(self, message: str) -> None:
         if self.dist.is_main:
@@ -364,7 +394,7 @@ class Trainer:
         }
 
     def save(self, step: int, epoch_end: int | None = None, final: bool = False) -> None:
-        self.last_save = time.monotonic()  # every rank: the time-based decision must stay the same everywhere
+        self.last_save = self.clock()  # every rank restarts its clock at the same, collective, save
         if not self.dist.is_main:
             return
         save_atomic(self.state(step), self.paths.last)
@@ -384,116 +414,160 @@ class Trainer:
 
     # -- the loop --
     def run(self) -> int:
-        c, steps = self.config, self.steps
-        start = self.plan.start_step
-        stop_at = steps.total_steps if not c.train.max_steps else min(steps.total_steps, c.train.max_steps)
+        """Train from the plan's start step to its stop step; returns the exit code (the same on every rank)."""
+        start, stop_at = self.plan.start_step, self._stop_at()
         self.write_run_files()
         if start >= stop_at:
-            self.log(f"{self.paths.root}: nothing to do (step {start} of {steps.total_steps} already done)")
+            self.log(f"{self.paths.root}: nothing to do (step {start} of {self.steps.total_steps} already done)")
             return 0
+        loader = self._open_loader(start, stop_at)
+        self._announce(start)
+        iterator = iter(loader)
+        prefetch = DevicePrefetcher(iterator, self.views, self.dist.device)
+        bar = self._progress_bar(start, stop_at)
+        try:
+            code = self._loop(prefetch, start, stop_at, bar)
+        finally:
+            self._close_loader(prefetch, iterator, bar)
+        return self._finish() if code is None else code
+
+    def _stop_at(self) -> int:
+        total, max_steps = self.steps.total_steps, self.config.train.max_steps
+        return min(total, max_steps) if max_steps else total
+
+    def _open_loader(self, start: int, stop_at: int):
+        c = self.config
         reader = SelectionReader(self.plan.selection, Path(c.data.dataset))
-        batches = PairBatches(reader, steps, self.dist.rank, c.data, c.model.mode, start, stop_at, c.data.ir_mean)
+        batches = PairBatches(reader, self.steps, self.dist.rank, c.data, c.model.mode, start, stop_at, c.data.ir_mean)
         self.stop.install()  # before the workers fork, so they inherit it and are not killed mid-batch
-        loader = make_loader(batches, c.data.workers, c.data.prefetch, pin_memory=self.dist.device.type == "cuda")
+        return make_loader(batches, c.data.workers, c.data.prefetch, pin_memory=self.dist.device.type == "cuda")
+
+    def _announce(self, start: int) -> None:
+        c, steps = self.config, self.steps
         self.log(
             f"training {c.model.mode}: {self.plan.selection.num_rows} samples, {steps.steps_per_epoch} steps/epoch x "
             f"{c.train.epochs} epochs, global batch {steps.global_batch} on {self.dist.world_size} rank(s) "
             f"({self.dist.backend or 'single process'}, {self.dist.device}, {self.precision})"
             + (f"; resuming at step {start}" if start else "")
         )
-        self.last_save = time.monotonic()
-        bar = None
-        if self.dist.is_main and self.progress:
-            from tqdm import tqdm
 
-            bar = tqdm(total=stop_at, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr)
-        window_start, window_wait, window_steps = time.perf_counter(), 0.0, 0
-        iterator = iter(loader)
-        prefetch = DevicePrefetcher(iterator, self.views, self.dist.device)
-        step = start
-        pending = None  # the previous step's health flags, still in flight
-        stop_signal = 0
-        try:
-            while step < stop_at:
-                batch, (first, second) = next(prefetch)
-                if batch["step"] != step:
-                    raise RuntimeError(f"loader gave step {batch['step']}, expected {step}")
-                wait = prefetch.last_wait  # the loader, and the nvJPEG decode; not the other device-side views
-                lr = float(self.lrs[step])
-                # Model randomness (drop path) from (seed, step, rank): a resumed step draws what it would have.
-                torch.manual_seed((c.train.seed * 1_000_003 + step) * 4099 + self.dist.rank)
-                loss, terms, h_rgb, h_ir = vicreg_step(self.ddp, self.optimizer, first, second, lr, c.loss, self.autocast)
-                # Read the previous step's flags only now, so the GPU already has this step queued.
-                previous, pending = pending, self._flags(step, loss)
-                if previous is not None:
-                    stop_signal, bad_step = self._settle(previous, stop_signal)
-                    if bad_step is not None:
-                        return self._nonfinite(bad_step)
-                window_wait += wait
-                window_steps += 1
-                if c.run.record_keys:
-                    self._record_keys(step, batch["keys"])
-                if step == start or (step + 1) % c.train.log_every == 0 or step + 1 == stop_at:
-                    elapsed = time.perf_counter() - window_start
-                    rate, wait_share = window_steps * steps.global_batch / elapsed, window_wait / elapsed
-                    self._log_metrics(step, loss, terms, h_rgb, h_ir, lr, rate, wait_share)
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{loss.item():.3f}", pairs_s=f"{rate:.0f}", wait=f"{100 * wait_share:.0f}%")
-                    window_start, window_wait, window_steps = time.perf_counter(), 0.0, 0
-                step += 1
-                if bar is not None:
-                    bar.update(1)
-                epoch_end = step % steps.steps_per_epoch == 0
-                due = time.monotonic() - self.last_save > 60 * c.train.checkpoint_minutes
-                if epoch_end or due or stop_signal or step == stop_at:
-                    # Never save weights that a non-finite step has touched: settle this step first.
-                    stop_signal, bad_step = self._settle(pending, stop_signal)
-                    pending = None
-                    if bad_step is not None:
-                        return self._nonfinite(bad_step)
-                    if epoch_end or due or stop_signal:
-                        self.save(step, epoch_end=step // steps.steps_per_epoch if epoch_end else None,
-                                  final=bool(stop_signal) or step == stop_at)
-                if stop_signal:
-                    name = signal.Signals(stop_signal).name
-                    self.warn(f"training: {name} at step {step} of {steps.total_steps}: saved {self.paths.last}; "
-                             "run the same command again to resume")
-                    return EXIT_SIGNAL_BASE + stop_signal
-        finally:
+    def _progress_bar(self, start: int, stop_at: int):
+        if not (self.dist.is_main and self.progress):
+            return None
+        return tqdm(total=stop_at, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr)
+
+    def _close_loader(self, prefetch, iterator, bar) -> None:  # noqa: ANN001
+        if bar is not None:
+            bar.close()
+        prefetch.close()
+        # Workers ignore SIGTERM (see make_loader), so they must be told to stop, not left to exit handlers.
+        shutdown = getattr(iterator, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+        self.stop.restore()
+
+    def _loop(self, prefetch, start: int, stop_at: int, bar) -> int | None:  # noqa: ANN001
+        """The steps; an exit code when the run must stop early (signal, non-finite loss), else None.
+
+        Every branch that changes control flow reads `Verdict`s, values reduced over the ranks in the same step,
+        never this rank's own clock or signal, so all ranks take the same branch at the same step.
+        """
+        self.last_save = self.clock()
+        self.window = _RateWindow()
+        step, pending, verdict = start, None, Verdict()
+        while step < stop_at:
+            batch, (first, second) = next(prefetch)
+            if batch["step"] != step:
+                raise RuntimeError(f"loader gave step {batch['step']}, expected {step}")
+            self.window.add_wait(prefetch.last_wait)  # the loader and the nvJPEG decode, not the other views
+            loss, terms, h_rgb, h_ir = self._optimise(step, first, second)
+            # Read the previous step's verdict only now, so the GPU already has this step queued.
+            previous, pending = pending, self._flags(step, loss)
+            verdict = verdict.merge(self._settle(previous))
+            if verdict.bad_step is not None:
+                return self._nonfinite(verdict.bad_step)
+            if self.config.run.record_keys:
+                self._record_keys(step, batch["keys"])
+            self._maybe_log(step, start, stop_at, loss, terms, h_rgb, h_ir, bar)
+            step += 1
+            self.step = step
             if bar is not None:
-                bar.close()
-            prefetch.close()
-            # Workers ignore SIGTERM (see make_loader), so they must be told to stop, not left to exit handlers.
-            shutdown = getattr(iterator, "_shutdown_workers", None)
-            if shutdown is not None:
-                shutdown()
-            self.stop.restore()
+                bar.update(1)
+            code, verdict = self._end_of_step(step, stop_at, pending, verdict)
+            if code is not None:
+                return code
+            pending = None if verdict.settled_through >= step - 1 else pending
+        return None
+
+    def _optimise(self, step: int, first: torch.Tensor, second: torch.Tensor):
+        c = self.config
+        # Model randomness (drop path) from (seed, step, rank): a resumed step draws what it would have.
+        torch.manual_seed((c.train.seed * 1_000_003 + step) * 4099 + self.dist.rank)
+        return vicreg_step(self.ddp, self.optimizer, first, second, float(self.lrs[step]), c.loss, self.autocast)
+
+    def _maybe_log(self, step, start, stop_at, loss, terms, h_rgb, h_ir, bar) -> None:  # noqa: ANN001
+        self.window.add_step()
+        if not (step == start or (step + 1) % self.config.train.log_every == 0 or step + 1 == stop_at):
+            return
+        rate, wait_share = self.window.rates(self.steps.global_batch)
+        self._log_metrics(step, loss, terms, h_rgb, h_ir, float(self.lrs[step]), rate, wait_share)
+        if bar is not None:
+            bar.set_postfix(loss=f"{loss.item():.3f}", pairs_s=f"{rate:.0f}", wait=f"{100 * wait_share:.0f}%")
+        self.window = _RateWindow()
+
+    def _end_of_step(self, step: int, stop_at: int, pending, verdict: Verdict) -> tuple[int | None, Verdict]:  # noqa: ANN001
+        """Save when an epoch ends, a save is due or a signal came (all collective); stop on a signal."""
+        epoch_end = step % self.steps.steps_per_epoch == 0
+        if not (epoch_end or verdict.save_due or verdict.signum or step == stop_at):
+            return None, verdict
+        # Never save weights that a non-finite step has touched: settle this step first.
+        verdict = verdict.merge(self._settle(pending))
+        if verdict.bad_step is not None:
+            return self._nonfinite(verdict.bad_step), verdict
+        if epoch_end or verdict.save_due or verdict.signum:
+            self.save(step, epoch_end=step // self.steps.steps_per_epoch if epoch_end else None,
+                      final=bool(verdict.signum) or step == stop_at)
+            verdict = verdict.saved()
+        if verdict.signum:
+            name = signal.Signals(verdict.signum).name
+            self.warn(f"training: {name} at step {step} of {self.steps.total_steps}: saved {self.paths.last}; "
+                      "run the same command again to resume")
+            return EXIT_SIGNAL_BASE + verdict.signum, verdict
+        return None, verdict
+
+    def _finish(self) -> int:
+        step, steps = self.step, self.steps
         if step % steps.steps_per_epoch:
             self.save(step, final=True)
         if step < steps.total_steps:
             self.log(f"training: stopped at step {step} of {steps.total_steps} (train.max_steps); saved {self.paths.last}")
         else:
-            self.log(f"training: done, {steps.total_steps} steps ({c.train.epochs} epochs)")
+            self.log(f"training: done, {steps.total_steps} steps ({self.config.train.epochs} epochs)")
         self.log(f"run directory: {self.paths.root}\nloss curve: {self.paths.loss_png}")
         return 0
 
     def _flags(self, step: int, loss: torch.Tensor):
-        """(step, [signal, non-finite] reduced over ranks with MAX, in flight)."""
-        flags = torch.stack([torch.tensor(float(self.stop.signum)).to(self.dist.device, non_blocking=True),
-                             (~torch.isfinite(loss.detach())).float()])
+        """(step, [signal, non-finite, save due] reduced over ranks with MAX, in flight).
+
+        A save falls due by this rank's clock; reduced with MAX it is due on every rank as soon as on any.
+        """
+        due = self.clock() - self.last_save > 60 * self.config.train.checkpoint_minutes
+        local = torch.tensor([float(self.stop.signum), 0.0, float(due)])
+        flags = local.to(self.dist.device, non_blocking=True)
+        flags[1] = (~torch.isfinite(loss.detach())).float()
         work = dist.all_reduce(flags, op=dist.ReduceOp.MAX, async_op=True) if is_distributed() else None
         return step, flags, work
 
     @staticmethod
-    def _settle(pending, stop_signal: int) -> tuple[int, int | None]:
-        """Wait for a step's flags: (signal seen by any rank, the step if its loss was not finite)."""
+    def _settle(pending) -> Verdict:  # noqa: ANN001
+        """Wait for a step's reduced flags (an empty verdict for none)."""
         if pending is None:
-            return stop_signal, None
+            return Verdict()
         step, flags, work = pending
         if work is not None:
             work.wait()
-        signum, nonfinite = flags.tolist()
-        return max(stop_signal, int(signum)), (step if nonfinite else None)
+        signum, nonfinite, due = flags.tolist()
+        return Verdict(int(signum), step if nonfinite else None, bool(due), step)
 
     def _nonfinite(self, step: int) -> int:
         where = f"{self.paths.last} (step {self._saved_step()})" if self.paths.last.exists() else "none was written"
@@ -549,48 +623,51 @@ def run_training(config: TrainingConfig, new_schedule: bool = False, argv: list[
                  progress: bool = True, log=print) -> int:
     """The whole of `training run` on this rank; returns the exit code. Errors end every rank."""
     rank, world_size, _, _ = mpi_world()
-    verdict: tuple[str, Any]
-    if rank == 0:
-        try:
-            verdict = ("ok", preflight(config, world_size, new_schedule))
-        except (TrainingError, CheckpointError) as exc:
-            verdict = ("error", str(exc))
-        except Exception as exc:  # noqa: BLE001 - the other ranks wait for a verdict: they must get one
-            if world_size == 1:
-                raise
-            import traceback
-
-            traceback.print_exc()
-            verdict = ("error", f"{type(exc).__name__}: {_first_line(str(exc))}")
-    else:
-        verdict = ("", None)
-    verdict = bcast(verdict) if world_size > 1 else verdict
+    verdict = bcast(_preflight_verdict(config, world_size, new_schedule) if rank == 0 else None)
     if verdict[0] == "error":
         if rank == 0:
             log(f"training run: {verdict[1]}")
         return 2
     plan: Plan = verdict[1]
+    dist_info = None
     try:
         dist_info = init_distributed(plan.config.train.timeout_s)
-        trainer = Trainer(plan, dist_info, argv, progress)
-        try:
-            trainer.build()
-        except ModelError as exc:
-            if rank == 0:
-                log(f"training run: {exc}")
-            return 2
-        return trainer.run()
-    except BaseException:
+        with watch_ranks("training run", rank, dist_info.peers):
+            code = _train(plan, dist_info, argv, progress, log)
+    except BaseException as exc:
         if world_size > 1:
             # Whatever happens while reporting (a DataLoader's SIGCHLD handler can raise again), end every rank.
             try:
-                import traceback
-
                 sys.stderr.write(f"[rank {rank}] training failed:\n{traceback.format_exc()}")
+                peers = dist_info.peers if dist_info is not None else ()
+                sys.stderr.write(failure_line("training run", rank, world_size, exc, peers) + "\n")
             finally:
                 abort(1)
         raise
-    finally:
-        if dist.is_available() and dist.is_initialized():
-            with contextlib.suppress(Exception):
-                dist.destroy_process_group()
+    leave_process_group()
+    return code
+
+
+def _preflight_verdict(config: TrainingConfig, world_size: int, new_schedule: bool) -> tuple[str, Any]:
+    """Rank 0's ("ok", Plan) or ("error", one line): every rank must receive one, whatever went wrong."""
+    try:
+        return "ok", preflight(config, world_size, new_schedule)
+    except (TrainingError, CheckpointError) as exc:
+        return "error", str(exc)
+    except Exception as exc:  # noqa: BLE001 - the other ranks wait for a verdict: they must get one
+        if world_size == 1:
+            raise
+        traceback.print_exc()
+        return "error", f"{type(exc).__name__}: {_first_line(str(exc))}"
+
+
+def _train(plan: Plan, dist_info: Dist, argv: list[str] | None, progress: bool, log) -> int:  # noqa: ANN001
+    trainer = Trainer(plan, dist_info, argv, progress)
+    try:
+        trainer.build()
+    except ModelError as exc:
+        # Every rank builds the same model from the same config: they all fail here alike.
+        if dist_info.is_main:
+            log(f"training run: {exc}")
+        return 2
+    return trainer.run()
