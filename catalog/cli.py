@@ -7,6 +7,9 @@ import json
 import sys
 from pathlib import Path
 
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
 from catalog.describe import describe, format_table
 from catalog.location import NodesError, load_nodes_csv
 from catalog.maintain import set_nodes_locked
@@ -39,9 +42,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _emit(table, fmt: str, out: str | None) -> None:
-    import pyarrow.csv as pacsv
-    import pyarrow.parquet as pq
-
     if fmt == "parquet":
         pq.write_table(table, out)
         return

@@ -14,6 +14,7 @@ It lives below every command (ingest, training and analysis all run under mpiexe
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import signal
@@ -87,6 +88,9 @@ class PeerWatch:
 
     def stop(self) -> None:
         self._stopped.set()
+        if self._wakeup is not None:
+            with contextlib.suppress(OSError):
+                os.write(self._wakeup[1], b"\0")  # wake the watch's select now, not at its next look
         if self._thread.is_alive():
             self._thread.join()
         if self._previous is not None:

@@ -8,8 +8,10 @@ exactly one decision.
 Under ``mpiexec -n R`` (on a filesystem every rank sees) rank 0 does all of that except the frames: it sends
 each rank a consecutive share of them, balanced by bytes; every rank writes its share into shards of its own
 with its own workers; rank 0 gathers what they wrote, names the shards in rank order and commits one catalog
-part. A rank that fails fails the run with nothing committed, and MPI ends every rank when one dies; the next
-run, with any R, removes what was left and does the work.
+part. Every decision that changes what a rank does next is rank 0's and reaches all ranks at the same step
+(ingest/collective.py): a rank that fails fails the run with nothing committed and every rank exiting non-zero,
+and a rank that dies is ended with the others by the launcher; the next run, with any R, removes what was left
+and does the work.
 """
 
 from __future__ import annotations
@@ -33,15 +35,16 @@ import pyarrow.compute as pc
 from catalog.location import load_nodes_csv, node_periods, splits
 from catalog.maintain import location_table, set_nodes_locked, write_snapshot
 from catalog.query import Catalog
-from catalog.runinfo import dump_config, launched_by_mpi, launched_world_size, provenance
+from catalog.runinfo import dump_config, provenance
 from catalog.schema import FILES, LOCATION_COLUMNS, NODES, RUNS, SAMPLES, SHARDS
 from catalog.store import DatasetLayout, dataset_lock, write_parts
+from ingest.collective import BuildError, Ranks, describe
 from ingest.config import IngestConfig
 from ingest.frames import FileDecision, FrameTask, RawFile, metadata_file_kind, plan_frames
 from ingest.metadata import UPLOAD_COLUMNS, MetadataError, UploadRecord, read_metadata_frame, read_upload_records
 from ingest.naming import ROLE_OTHER, ROLE_RGB, ROLE_THERMAL, classify_name, is_sky_position, parse_raw_path
 from ingest.process import FrameResult
-from ingest.share import ShareOutcome, split_by_bytes, write_share
+from ingest.share import ShareOutcome, ShareStopped, split_by_bytes, write_share
 from shards.layout import MEMBERS, shard_index, shard_name
 from shards.writer import ShardRecord, fsync_dir
 
@@ -52,10 +55,6 @@ _DECODE_REASONS = {"corrupt_jpeg", "bad_csv_header", "bad_csv_shape", "non_numer
 
 
 _COMPACT_AFTER_RUNS = 4
-
-
-class BuildError(RuntimeError):
-    """A build that cannot start (bad paths, bad nodes file); nothing was written."""
 
 
 @dataclass
@@ -138,7 +137,7 @@ def _load_uploads(raw_dir: Path, files: list[RawFile], to_plan: list[RawFile]) -
     return uploads, status
 
 
-@dataclass
+@dataclass(frozen=True)
 class _State:
     files: pa.Table  # the catalog's latest row per raw file (FILES): columns, not a dict per file
     sample_keys: set[str]
@@ -164,7 +163,7 @@ def _current_state(layout: DatasetLayout) -> _State:
                   Counter({row["vsn"]: row["n"] for row in per_node}))
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Settled:
     """Raw files whose recorded decision stands without planning them again: samples, and files ignored for their
     name alone (a frame's siblings, files outside the layout) that still have the recorded size. An incremental
@@ -209,8 +208,8 @@ def _same_nodes(a: pa.Table, b: pa.Table) -> bool:
 
 
 def _files_table(decisions: list[FileDecision], run_id: str) -> pa.Table:
-    """The catalog's ``files`` rows of ``decisions``, column by column (a dict a row cost ~300 MB of rank 0's
-    peak at bench/plan.py's 457k files of a first build)."""
+    """The catalog's ``files`` rows of ``decisions``, column by column: a dict a row would add to rank 0's peak
+    memory for every raw file of a first build."""
     columns = {name: [getattr(d, name) for d in decisions] for name in FILES.names if name != "ingest_run"}
     return pa.table({**columns, "ingest_run": [run_id] * len(decisions)}, schema=FILES)
 
@@ -248,40 +247,18 @@ def _changed(decision: FileDecision, previous: dict | None) -> bool:
     return any(getattr(decision, k) != previous.get(k) for k in ("bytes", "status", "reason", "detail", "key", "role"))
 
 
-class _Ranks:
-    """The MPI ranks of a build: just this process without mpiexec. Rank 0 locks, plans and commits; every
-    rank writes a share of the frames into shards of its own."""
+@dataclass(frozen=True)
+class _Build:
+    """What one build was asked to do: build_shards' arguments, with the paths resolved."""
 
-    def __init__(self) -> None:
-        self.comm = None
-        self.rank, self.size, self.local_size = 0, 1, 1
-        self.announced = False
-        if launched_by_mpi():
-            from mpi4py import MPI
-
-            launched = launched_world_size()
-            if MPI.COMM_WORLD.Get_size() < launched:
-                raise BuildError(
-                    f"the launcher started {launched} ranks but MPI sees {MPI.COMM_WORLD.Get_size()}: mpi4py loaded "
-                    f"another MPI library ({MPI.Get_library_version().splitlines()[0].strip()}) than the launcher's; "
-                    "point MPI4PY_LIBMPI at the launcher's libmpi.so (README: Ingest at scale). Nothing was touched."
-                )
-            if MPI.COMM_WORLD.Get_size() > 1:
-                self.comm = MPI.COMM_WORLD
-                local = self.comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.comm.Get_rank())
-                self.rank, self.size, self.local_size = self.comm.Get_rank(), self.comm.Get_size(), local.Get_size()
-                local.Free()
-
-    def announce(self, plans: list[_SharePlan] | None) -> None:
-        """Rank 0: send each rank its own plan (None: nothing for the other ranks to do); they wait in _follow().
-        A scatter, not a broadcast: at a million frames the shares pickle to ~200 MB, and each rank needs only its
-        own."""
-        if self.comm is not None and not self.announced:
-            self.comm.scatter(plans if plans is not None else [None] * self.size, root=0)
-        self.announced = True
-
-    def gather(self, value):
-        return self.comm.gather(value, root=0) if self.comm is not None else [value]
+    raw: Path
+    root: Path  # DATASET
+    config: IngestConfig
+    nodes_csv: Path | None  # None: keep the catalog's nodes
+    argv: tuple[str, ...] | None
+    progress: bool
+    recheck_rejects: bool
+    log: Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -299,9 +276,76 @@ class _SharePlan:
 class _ShareFailed:
     rank: int
     error: str
+    stopped: bool = False  # given up because another rank's share failed
 
 
-def _workers(config: IngestConfig, ranks: _Ranks) -> int:
+@dataclass(frozen=True)
+class _Plan:
+    """Rank 0's plan of a run: the frames to decode and the decision on every other file it had to decide."""
+
+    files_seen: int
+    settled: _Settled
+    tasks: list[FrameTask]  # in (VSN, ts_ns) order, with nodes.csv's node ids
+    decisions: list[FileDecision]
+
+
+@dataclass(frozen=True)
+class _Decoded:
+    """Every rank's shares, placed under ``shards/``: the new samples' rows and the decoded frames' decisions."""
+
+    sample_rows: list[dict]
+    shard_records: list[ShardRecord]
+    decisions: list[FileDecision]
+    share_seconds: list[float]
+    workers: list[int]
+
+
+@dataclass(frozen=True)
+class _Run:
+    """A run under way, from the moment it holds the lock."""
+
+    build: _Build
+    layout: DatasetLayout
+    state: _State  # the catalog as the run found it
+    run_id: str
+    started: datetime
+    removed_uncommitted: list[str]  # what an interrupted run had left, removed by this one
+
+
+@dataclass(frozen=True)
+class _Nodes:
+    table: pa.Table  # the node locations this run uses
+    changed: bool  # they differ from the catalog's: the run's part records them
+
+
+@dataclass(frozen=True)
+class _Commit:
+    """What the committed catalog part holds, as the summary reports it."""
+
+    samples: pa.Table
+    status_counts: Counter[str]
+    reason_counts: dict[str, int]
+
+
+class _Clock:
+    """A run's start (wall clock for the catalog, monotonic for the phases) and the end of its first two phases."""
+
+    def __init__(self) -> None:
+        self.started = datetime.now(timezone.utc)
+        self.t_start = time.perf_counter()
+        self.plan_seconds = self.decode_seconds = 0.0
+
+    def planned(self) -> None:
+        self.plan_seconds = time.perf_counter() - self.t_start
+
+    def decoded(self) -> None:
+        self.decode_seconds = time.perf_counter() - self.t_start - self.plan_seconds
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.t_start
+
+
+def _workers(config: IngestConfig, ranks: Ranks) -> int:
     """Worker processes per rank: the configured number; else the cores this rank may run on (a batch system's
     binding, e.g. Slurm's --cpus-per-task), or, when every rank of the node may use every core, its share."""
     if config.workers:
@@ -312,34 +356,41 @@ def _workers(config: IngestConfig, ranks: _Ranks) -> int:
     return max(1, allowed)
 
 
-def _write_own_share(
-    ranks: _Ranks, share: list[FrameTask], raw: Path, config: IngestConfig, work_dir: Path, progress: bool
-) -> list[ShareOutcome]:
-    """This rank's share, then every rank's outcome on rank 0 (a failed rank's error instead of its outcome).
-    Every rank reaches the gather even when its share failed, so no rank waits for ever."""
+def _write_share(ranks: Ranks, plan: _SharePlan, progress: bool) -> ShareOutcome | _ShareFailed:
+    """This rank's share written into shards, or why it could not be. A failed share raises the alarm, so the other
+    ranks give theirs up; under MPI even an interrupt is reported that way, since this rank must still reach the
+    step where the outcomes are collected."""
+    alone = ranks.size == 1  # no other rank to stop for; an interrupt goes straight through
+    stop_early = {} if alone else {"stop_early": ranks.alarmed}
     try:
-        mine: ShareOutcome | _ShareFailed = write_share(
-            share, raw, config, _workers(config, ranks), work_dir, f"r{ranks.rank:04d}", progress
-        )
-    except Exception as exc:  # noqa: BLE001 - reported by rank 0, which commits nothing
-        mine = _ShareFailed(ranks.rank, f"{type(exc).__name__}: {exc}")
-    outcomes = ranks.gather(mine)
-    if ranks.rank != 0:
-        if isinstance(mine, _ShareFailed):
-            raise BuildError(f"rank {ranks.rank}: {mine.error}; nothing was committed")
-        return []
+        with ranks.watching():
+            return write_share(plan.share, Path(plan.raw), plan.config, _workers(plan.config, ranks),
+                               Path(plan.work_dir), f"r{ranks.rank:04d}", progress, **stop_early)
+    except ShareStopped as exc:
+        return _ShareFailed(ranks.rank, str(exc), stopped=True)
+    except BaseException as exc:  # noqa: BLE001 - reported by rank 0, which commits nothing
+        if alone and not isinstance(exc, Exception):
+            raise
+        ranks.raise_alarm()
+        return _ShareFailed(ranks.rank, describe(exc))
+
+
+def _checked_outcomes(ranks: Ranks, outcomes: list[ShareOutcome | _ShareFailed]) -> list[ShareOutcome]:
+    """Rank 0: every rank's outcome, or one BuildError naming each rank that failed (not those that gave up their
+    share because of it) and why."""
     failed = [o for o in outcomes if isinstance(o, _ShareFailed)]
     if failed:
+        first = [f for f in failed if not f.stopped] or failed
         where = (lambda f: f"rank {f.rank}: ") if ranks.size > 1 else (lambda f: "")
-        raise BuildError("; ".join(where(f) + f.error for f in failed) + "; nothing was committed")
+        raise BuildError("; ".join(where(f) + f.error for f in first) + "; nothing was committed")
     return outcomes
 
 
-def _follow(ranks: _Ranks, progress: bool) -> None:
-    """Ranks other than 0: write the share rank 0 planned for this rank, if it planned any."""
-    plan: _SharePlan | None = ranks.comm.scatter(None, root=0)
-    if plan is not None:
-        _write_own_share(ranks, plan.share, Path(plan.raw), plan.config, Path(plan.work_dir), progress)
+def _follow(ranks: Ranks) -> None:
+    """Ranks other than 0: write the share rank 0 hands out, report it, wait for rank 0's commit."""
+    plan: _SharePlan = ranks.receive_share()
+    ranks.collect(_write_share(ranks, plan, progress=False))
+    ranks.receive_verdict()
 
 
 @contextmanager
@@ -348,8 +399,8 @@ def _collector_paused() -> Iterator[None]:
 
     Planning and committing make a few small objects for every raw file and keep them all alive (millions in a
     year of uploads), and every full collection walks every one of them again, so the collections grow with the
-    RAW: at 100k frames in bench/plan.py, a first build's plan took 19 s with the collector and 14-15 s without.
-    Those objects hold no cycles; what little cyclic garbage a run makes is collected once the collector is back.
+    RAW. Those objects hold no cycles; what little cyclic garbage a run makes is collected once the collector is
+    back.
     """
     enabled = gc.isenabled()
     gc.disable()
@@ -387,141 +438,193 @@ def build_shards(
     progress: bool = True,
     recheck_rejects: bool = False,
     log: Callable[[str], None] = print,
+    ranks: Ranks | None = None,
 ) -> BuildSummary | None:
     """Ingest RAW into DATASET; see the module docstring. Raises BuildError or DatasetLocked before writing.
 
-    Under ``mpiexec -n R`` (R > 1) every rank calls this with the same arguments: rank 0 returns the summary,
-    the others None once their share is written.
+    Under ``mpiexec -n R`` (R > 1) every rank calls this with the same arguments (and ``ranks``, when the caller
+    started them already): rank 0 returns the summary, the others None once rank 0 has committed, and RankStopped
+    when it did not (rank 0 raises why).
     """
-    ranks = _Ranks()
-    if ranks.rank != 0:
-        _follow(ranks, progress=False)
-        return None
-    try:
-        with _collector_paused():
-            return _lead(ranks, raw_dir, dataset, config, nodes_csv, argv, progress, recheck_rejects, log)
-    finally:
-        ranks.announce(None)  # a no-op once the plan went out; else it releases the ranks waiting for one
+    build = _Build(
+        raw=Path(raw_dir).resolve(), root=Path(dataset).resolve(), config=config,
+        nodes_csv=None if nodes_csv is None else Path(nodes_csv), argv=None if argv is None else tuple(argv),
+        progress=progress, recheck_rejects=recheck_rejects, log=log,
+    )
+    ranks = ranks if ranks is not None else Ranks.start()
+    return ranks.run(lead=lambda: _lead_with_collector_paused(ranks, build), follow=lambda: _follow(ranks))
 
 
-def _lead(
-    ranks: _Ranks, raw_dir, dataset, config: IngestConfig, nodes_csv, argv, progress: bool, recheck_rejects: bool,
-    log: Callable[[str], None],
-) -> BuildSummary:
-    started = datetime.now(timezone.utc)
-    t_start = time.perf_counter()
-    raw = Path(raw_dir).resolve()
-    root = Path(dataset).resolve()
+def _lead_with_collector_paused(ranks: Ranks, build: _Build) -> BuildSummary:
+    with _collector_paused():
+        return _lead(ranks, build)
+
+
+def _lead(ranks: Ranks, build: _Build) -> BuildSummary:
+    """Rank 0's build: check the inputs, lock, plan, have every rank decode its share, commit one catalog part."""
+    clock = _Clock()
+    new_nodes = _checked_inputs(build)
+    with dataset_lock(build.root, f"ingest build-shards {build.raw}"):
+        run = _begin(build, clock.started)
+        nodes = _nodes_of_run(run, new_nodes)
+        plan = _plan(run, nodes.table)
+        clock.planned()
+        decoded = _decode(ranks, run, plan.tasks)
+        clock.decoded()
+        commit = _commit(run, plan, decoded, nodes)
+    return _summary(run, clock, plan, decoded, commit)
+
+
+def _checked_inputs(build: _Build) -> pa.Table | None:
+    """BuildError, before anything is written, for a RAW that is not there, paths that contain each other or a bad
+    nodes.csv; else the nodes.csv's table (None without one)."""
+    raw, root = build.raw, build.root
     if not raw.is_dir():
         raise BuildError(f"{raw}: RAW directory does not exist")
     if root == raw or root.is_relative_to(raw) or raw.is_relative_to(root):
         raise BuildError(f"DATASET {root} and RAW {raw} must not contain each other")
-    new_nodes = None
-    if nodes_csv is not None:
-        try:
-            new_nodes = load_nodes_csv(nodes_csv)
-        except ValueError as exc:
-            raise BuildError(str(exc)) from None
+    if build.nodes_csv is None:
+        return None
+    try:
+        return load_nodes_csv(build.nodes_csv)
+    except ValueError as exc:
+        raise BuildError(str(exc)) from None
 
-    with dataset_lock(root, f"ingest build-shards {raw}"):
-        layout = DatasetLayout(root)
-        state = _current_state(layout)
-        run_id = layout.next_run_id()
-        summary = BuildSummary(run_id=run_id)
-        summary.removed_uncommitted = layout.remove_uncommitted(state.shard_names)
-        for path in summary.removed_uncommitted:
-            log(f"removed uncommitted {path} (left by an interrupted run)")
 
-        nodes = state.nodes
-        nodes_changed = new_nodes is not None and not _same_nodes(new_nodes, nodes)
-        if nodes_changed:
-            if state.has_samples:
-                log(f"nodes differ from the catalog's: recomputing location columns of {len(state.sample_keys)} samples")
-                set_nodes_locked(layout, new_nodes)
-            nodes = new_nodes
+def _begin(build: _Build, started: datetime) -> _Run:
+    """Under the lock: the catalog's state, the run's id, and what an interrupted run left removed (and logged)."""
+    layout = DatasetLayout(build.root)
+    state = _current_state(layout)
+    run_id = layout.next_run_id()
+    removed = layout.remove_uncommitted(state.shard_names)
+    for path in removed:
+        build.log(f"removed uncommitted {path} (left by an interrupted run)")
+    return _Run(build, layout, state, run_id, started, removed)
 
-        files = scan_raw(raw)
-        summary.files_seen = len(files)
-        settled = _settle(files, state.files)
-        summary.files_new = settled.new
-        to_plan = settled.to_plan
-        uploads, metadata_status = _load_uploads(raw, files, to_plan)
 
-        tasks, decisions = plan_frames(to_plan, uploads, state.sample_keys, metadata_status)
-        if not recheck_rejects:
-            tasks, carried = _carry_over_rejects(tasks, settled.previous)
-            decisions += carried
+def _nodes_of_run(run: _Run, new_nodes: pa.Table | None) -> _Nodes:
+    """The node locations this run uses; changed ones are applied to the catalog's samples first (their location
+    columns recomputed)."""
+    state = run.state
+    if new_nodes is None or _same_nodes(new_nodes, state.nodes):
+        return _Nodes(state.nodes, changed=False)
+    if state.has_samples:
+        run.build.log(f"nodes differ from the catalog's: recomputing location columns of {len(state.sample_keys)} "
+                      "samples")
+        set_nodes_locked(run.layout, new_nodes)
+    return _Nodes(new_nodes, changed=True)
 
-        # nodes.csv's node id for the period wins over the upload metadata's (it is the one users correct).
-        period = node_periods([t.vsn for t in tasks], [t.ts_ns for t in tasks], nodes)
-        node_ids = nodes.column("node_id").to_pylist() + [None]
-        tasks = [t if node_ids[p] in (None, t.node_id) else replace(t, node_id=node_ids[p]) for t, p in zip(tasks, period)]
 
-        work_dir = layout.shards_dir / f"{run_id}.tmp"
-        shares = split_by_bytes(tasks, ranks.size)
-        ranks.announce([_SharePlan(run_id, str(raw), str(work_dir), share, config) for share in shares])
-        t_decode = time.perf_counter()
-        summary.plan_seconds = t_decode - t_start
-        try:
-            with _collector_for_workers():
-                outcomes = _write_own_share(ranks, shares[0], raw, config, work_dir, progress)
-            sample_rows, shard_records, decided = _place_shards(
-                shares, outcomes, layout, config.shard_prefix, state.next_shard, run_id
-            )
-        finally:
-            shutil.rmtree(work_dir, ignore_errors=True)
-        decisions += decided
-        summary.decode_seconds = time.perf_counter() - t_decode
-        summary.frames_decoded = len(tasks)
-        summary.share_seconds = [o.seconds for o in outcomes]
-        summary.workers = [o.workers for o in outcomes]
+def _plan(run: _Run, nodes: pa.Table) -> _Plan:
+    """Scan RAW, leave settled files be, join the upload metadata and plan frames; a frame whose decode-stage
+    reject cannot have changed keeps its decision unless the build rechecks rejects."""
+    raw = run.build.raw
+    files = scan_raw(raw)
+    settled = _settle(files, run.state.files)
+    uploads, metadata_status = _load_uploads(raw, files, settled.to_plan)
+    tasks, decisions = plan_frames(settled.to_plan, uploads, run.state.sample_keys, metadata_status)
+    if not run.build.recheck_rejects:
+        tasks, carried = _carry_over_rejects(tasks, settled.previous)
+        decisions += carried
+    return _Plan(len(files), settled, _with_node_ids(tasks, nodes), decisions)
 
-        if len(decisions) != len(to_plan) or {d.path for d in decisions} != {f.path for f in to_plan}:
-            # A bug, never bad input: refuse to commit a catalog that loses or doubles a file.
-            raise RuntimeError(f"accounting failed: {len(decisions)} decisions for {len(to_plan)} raw files to decide "
-                               f"({settled.count} more keep their recorded decision)")
 
-        samples_table = _samples_table(sample_rows, nodes, config)
-        changed = [d for d in decisions if _changed(d, settled.previous.get(d.path))]
-        status_counts = Counter(d.status for d in decisions) + settled.status_counts
-        reason_counts = Counter(d.reason for d in decisions if d.status == "rejected")
-        summary.samples_added = len(sample_rows)
-        summary.shards_added = len(shard_records)
-        summary.status_counts = dict(status_counts)
-        summary.reason_counts = dict(sorted(reason_counts.items()))
-        summary.unlocated_vsns = sorted(
-            {r["vsn"] for r in samples_table.select(["vsn", "lat"]).to_pylist() if r["lat"] is None}
+def _with_node_ids(tasks: list[FrameTask], nodes: pa.Table) -> list[FrameTask]:
+    """nodes.csv's node id for the period wins over the upload metadata's (it is the one users correct)."""
+    period = node_periods([t.vsn for t in tasks], [t.ts_ns for t in tasks], nodes)
+    node_ids = nodes.column("node_id").to_pylist() + [None]
+    return [t if node_ids[p] in (None, t.node_id) else replace(t, node_id=node_ids[p]) for t, p in zip(tasks, period)]
+
+
+def _decode(ranks: Ranks, run: _Run, tasks: list[FrameTask]) -> _Decoded:
+    """Hand every rank a consecutive share of ``tasks``, write rank 0's own, collect every rank's outcome and place
+    the shards under ``shards/`` in rank order. The work directory is gone afterwards, whatever happened."""
+    build = run.build
+    work_dir = run.layout.shards_dir / f"{run.run_id}.tmp"
+    shares = split_by_bytes(tasks, ranks.size)
+    mine = ranks.hand_out([_SharePlan(run.run_id, str(build.raw), str(work_dir), share, build.config)
+                           for share in shares])
+    try:
+        with _collector_for_workers():
+            outcome = _write_share(ranks, mine, build.progress)
+        outcomes = _checked_outcomes(ranks, ranks.collect(outcome))
+        rows, records, decisions = _place_shards(
+            shares, outcomes, run.layout, build.config.shard_prefix, run.state.next_shard, run.run_id
         )
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    return _Decoded(rows, records, decisions, [o.seconds for o in outcomes], [o.workers for o in outcomes])
 
-        prov = provenance(argv, packages=("pillow", "numpy", "pyarrow", "duckdb", "webdataset"))
-        config_text = dump_config(config, extra={"run_id": run_id, "raw_dir": str(raw), **_flat(prov)})
-        run_row = {
-            "id": run_id, "started": started, "finished": datetime.now(timezone.utc),
-            "argv": json.dumps(prov["argv"]), "version": prov["versions"]["sagepairs"], "git_sha": prov["git_sha"],
-            "raw_dir": str(raw), "config": config_text, "files_seen": summary.files_seen,
-            "files_new": summary.files_new, "samples_added": summary.samples_added,
-            "files_rejected": status_counts.get("rejected", 0), "files_ignored": status_counts.get("ignored", 0),
-            "shards_added": summary.shards_added, "reason_counts": json.dumps(summary.reason_counts),
-        }
-        tables = {
-            "samples": samples_table,
-            "files": _files_table(changed, run_id),
-            "shards": pa.Table.from_pylist([{**vars(r), "ingest_run": run_id} for r in shard_records], schema=SHARDS),
-            "runs": pa.Table.from_pylist([run_row], schema=RUNS),
-        }
-        if nodes_changed:
-            tables["nodes"] = nodes
-        write_parts(layout.runs_dir / run_id, tables, texts={"config.toml": config_text})
-        # Compaction is an optimisation (readers union a snapshot with the runs it does not cover), so it runs
-        # once a few parts have piled up rather than after every run.
-        if len(layout.uncovered_runs(layout.latest_snapshot())) >= _COMPACT_AFTER_RUNS:
-            write_snapshot(layout)
-        # The committed counts, from what this run read and added (opening the catalog again costs more).
-        per_node = state.samples_per_node + Counter(r["vsn"] for r in sample_rows)
-        summary.samples_per_node = dict(sorted(per_node.items()))
-    summary.seconds = time.perf_counter() - t_start
-    summary.commit_seconds = summary.seconds - summary.plan_seconds - summary.decode_seconds
-    return summary
+
+def _check_accounting(decisions: list[FileDecision], settled: _Settled) -> None:
+    """A bug, never bad input: refuse to commit a catalog that loses or doubles a file."""
+    to_plan = settled.to_plan
+    if len(decisions) != len(to_plan) or {d.path for d in decisions} != {f.path for f in to_plan}:
+        raise RuntimeError(f"accounting failed: {len(decisions)} decisions for {len(to_plan)} raw files to decide "
+                           f"({settled.count} more keep their recorded decision)")
+
+
+def _commit(run: _Run, plan: _Plan, decoded: _Decoded, nodes: _Nodes) -> _Commit:
+    """Write the run's catalog part (the commit), then compact the catalog once enough parts have piled up."""
+    decisions = plan.decisions + decoded.decisions
+    _check_accounting(decisions, plan.settled)
+    commit = _Commit(
+        samples=_samples_table(decoded.sample_rows, nodes.table, run.build.config),
+        status_counts=Counter(d.status for d in decisions) + plan.settled.status_counts,
+        reason_counts=dict(sorted(Counter(d.reason for d in decisions if d.status == "rejected").items())),
+    )
+    changed = [d for d in decisions if _changed(d, plan.settled.previous.get(d.path))]
+    config_text, run_row = _run_row(run, plan, decoded, commit)
+    tables = {
+        "samples": commit.samples,
+        "files": _files_table(changed, run.run_id),
+        "shards": pa.Table.from_pylist([{**vars(r), "ingest_run": run.run_id} for r in decoded.shard_records],
+                                       schema=SHARDS),
+        "runs": pa.Table.from_pylist([run_row], schema=RUNS),
+    }
+    if nodes.changed:
+        tables["nodes"] = nodes.table
+    write_parts(run.layout.runs_dir / run.run_id, tables, texts={"config.toml": config_text})
+    # Compaction is an optimisation (readers union a snapshot with the runs it does not cover), so it runs
+    # once a few parts have piled up rather than after every run.
+    if len(run.layout.uncovered_runs(run.layout.latest_snapshot())) >= _COMPACT_AFTER_RUNS:
+        write_snapshot(run.layout)
+    return commit
+
+
+def _run_row(run: _Run, plan: _Plan, decoded: _Decoded, commit: _Commit) -> tuple[str, dict]:
+    """The run's resolved configuration (with its provenance), and its ``runs`` row."""
+    build = run.build
+    prov = provenance(None if build.argv is None else list(build.argv),
+                      packages=("pillow", "numpy", "pyarrow", "duckdb", "webdataset"))
+    config_text = dump_config(build.config, extra={"run_id": run.run_id, "raw_dir": str(build.raw), **_flat(prov)})
+    row = {
+        "id": run.run_id, "started": run.started, "finished": datetime.now(timezone.utc),
+        "argv": json.dumps(prov["argv"]), "version": prov["versions"]["sagepairs"], "git_sha": prov["git_sha"],
+        "raw_dir": str(build.raw), "config": config_text, "files_seen": plan.files_seen,
+        "files_new": plan.settled.new, "samples_added": len(decoded.sample_rows),
+        "files_rejected": commit.status_counts.get("rejected", 0),
+        "files_ignored": commit.status_counts.get("ignored", 0),
+        "shards_added": len(decoded.shard_records), "reason_counts": json.dumps(commit.reason_counts),
+    }
+    return config_text, row
+
+
+def _summary(run: _Run, clock: _Clock, plan: _Plan, decoded: _Decoded, commit: _Commit) -> BuildSummary:
+    """What the run did, from what it read and added (opening the catalog again would cost more)."""
+    per_node = run.state.samples_per_node + Counter(r["vsn"] for r in decoded.sample_rows)
+    located = commit.samples.select(["vsn", "lat"]).to_pylist()
+    seconds = clock.seconds()
+    return BuildSummary(
+        run_id=run.run_id, files_seen=plan.files_seen, files_new=plan.settled.new,
+        samples_added=len(decoded.sample_rows), frames_decoded=len(plan.tasks),
+        shards_added=len(decoded.shard_records), status_counts=dict(commit.status_counts),
+        reason_counts=commit.reason_counts, samples_per_node=dict(sorted(per_node.items())),
+        unlocated_vsns=sorted({r["vsn"] for r in located if r["lat"] is None}),
+        removed_uncommitted=run.removed_uncommitted, plan_seconds=clock.plan_seconds,
+        decode_seconds=clock.decode_seconds, commit_seconds=seconds - clock.plan_seconds - clock.decode_seconds,
+        share_seconds=decoded.share_seconds, workers=decoded.workers, seconds=seconds,
+    )
 
 
 def _place_shards(

@@ -7,8 +7,10 @@ import sys
 
 from catalog.runinfo import ConfigError, load_config
 from catalog.store import DatasetLocked
-from ingest.build import BuildError, BuildSummary, build_shards
+from ingest.build import BuildSummary, build_shards
+from ingest.collective import BuildError, RankStopped, Ranks, exit_code
 from ingest.config import IngestConfig
+from ingest.download import DownloadConfig, DownloadError, download
 from ingest.synth import SynthConfig, synthesize
 
 
@@ -109,27 +111,33 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {truth.num_rows} frames ({faults} with planted faults) under {args.raw}")
         return 0
     if args.command == "build-shards":
-        try:
-            config = load_config(IngestConfig, args.config, {"workers": args.workers})
-            summary = build_shards(
-                args.raw, args.dataset, config, nodes_csv=args.nodes,
-                argv=["ingest", *(argv if argv is not None else sys.argv[1:])],
-                progress=not args.quiet, recheck_rejects=args.recheck_rejects,
-            )
-        except (ConfigError, BuildError, DatasetLocked) as exc:
-            print(f"ingest build-shards: {exc}", file=sys.stderr)
-            return 3 if isinstance(exc, DatasetLocked) else 2
-        if summary is not None:  # None: an MPI rank other than 0, whose share rank 0 reports
-            _print_summary(summary, args.dataset)
-        return 0
+        return _build_shards(args, argv)
     if args.command == "download":
         return _download(args)
     return 2
 
 
-def _download(args: argparse.Namespace) -> int:
-    from ingest.download import DownloadConfig, DownloadError, download
+def _build_shards(args: argparse.Namespace, argv: list[str] | None) -> int:
+    """Under mpiexec every rank runs this; rank 0 alone reads the configuration and reports (see ingest.collective)."""
+    try:
+        ranks = Ranks.start()
+        config = ranks.decide(lambda: load_config(IngestConfig, args.config, {"workers": args.workers}))
+        summary = build_shards(
+            args.raw, args.dataset, config, nodes_csv=args.nodes,
+            argv=["ingest", *(argv if argv is not None else sys.argv[1:])],
+            progress=not args.quiet, recheck_rejects=args.recheck_rejects, ranks=ranks,
+        )
+    except RankStopped as exc:  # rank 0 says why, once
+        return exc.exit_code
+    except (ConfigError, BuildError, DatasetLocked) as exc:
+        print(f"ingest build-shards: {exc}", file=sys.stderr)
+        return exit_code(exc)
+    if summary is not None:  # None: an MPI rank other than 0, whose share rank 0 reports
+        _print_summary(summary, args.dataset)
+    return 0
 
+
+def _download(args: argparse.Namespace) -> int:
     overrides = {"endpoint": args.endpoint, "timeout_s": args.timeout, "retries": args.retries}
     try:
         config = DownloadConfig(

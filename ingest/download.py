@@ -31,6 +31,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 
 import pandas as pd
 import requests
+import sage_data_client
 import urllib3
 from requests.utils import get_netrc_auth
 from tqdm import tqdm
@@ -314,8 +315,6 @@ def _query_error(exc: Exception) -> tuple[str, bool]:
 
 def query_uploads(config: DownloadConfig) -> pd.DataFrame:
     """The sage_data_client DataFrame of upload records for all of the config's VSNs (API order per VSN)."""
-    import sage_data_client
-
     frames = []
     for flt in _query_filters(config):
         for attempt in range(1, config.retries + 1):

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
+import sage_data_client
 
 __all__ = ["UploadRecord", "MetadataError", "read_metadata_frame", "upload_records", "read_upload_records", "METADATA_SUFFIXES", "QUERY_RECORD_SUFFIX", "UPLOAD_COLUMNS", "text_or_none", "column_values"]
 
@@ -49,13 +51,9 @@ def read_metadata_frame(path: Path, columns: Collection[str] | None = None) -> p
     wanted = None if columns is None else set(columns)
     try:
         if name.endswith((".ndjson", ".ndjson.gz", ".json", ".json.gz")):
-            import sage_data_client
-
             frame = sage_data_client.load(path)
         elif name.endswith(".parquet"):
             if wanted is not None:
-                import pyarrow.parquet as pq
-
                 columns = [c for c in pq.read_schema(path).names if c in wanted]
             frame = pd.read_parquet(path, columns=columns)
         elif name.endswith(".csv"):
@@ -106,8 +104,8 @@ def _texts(frame: pd.DataFrame, name: str, rows: np.ndarray, lower: bool = False
     lower-cased with ``lower``), as an object array.
 
     Each distinct value becomes one Python string, shared by every row that holds it: a year of uploads repeats a
-    dozen VSNs, node ids and plugins and a few dozen file names hundreds of thousands of times. (With a string a
-    cell, rank 0's peak on bench/plan.py's 100k frames, 457k upload records, was 100-140 MB higher.)
+    dozen VSNs, node ids and plugins and a few dozen file names hundreds of thousands of times, and a string a cell
+    would raise rank 0's peak memory with every record.
     """
     if name not in frame.columns:
         return np.full(len(rows), None, dtype=object)

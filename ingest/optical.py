@@ -4,12 +4,10 @@ reused decode buffer is kept between calls).
 The 6144x2048 JPEG holds the optical image in its left half and a false-colour thermal render in its right
 half. Decoding all 12.6 MP is the main cost of ingest, so libjpeg-turbo's DCT scaling (through simplejpeg)
 decodes at the smallest M/8 of full size that still leaves at least the output resolution inside the crop box:
-3/8 for the default 1942x1593 box and 672x504 output, where Pillow's ``draft`` offers only 1/2, 1/4 and 1/8.
-bench/ingest.py measured the one-core floor 1-6% lower with 3/8 than with Pillow's 1/2 on a lent Xeon (4 draws of
-4); on the 2-core EPYC the two were within its noise and a build with 3/8 was 6% faster (A/B, 2026-11-28). A
-JPEG that libjpeg-turbo will not decode strictly (a recoverable warning, a CMYK scan) is decoded by Pillow instead,
-so what is accepted and rejected does not depend on the decoder. Sizes come from the JPEG itself, never from the
-file name.
+3/8 for the default 1942x1593 box and 672x504 output, where Pillow's ``draft`` offers only 1/2, 1/4 and 1/8
+(bench/ingest.py compares the scales; bench/RESULTS.md has the figures). A JPEG that libjpeg-turbo will not decode
+strictly (a recoverable warning, a CMYK scan) is decoded by Pillow instead, so what is accepted and rejected does
+not depend on the decoder. Sizes come from the JPEG itself, never from the file name.
 """
 
 from __future__ import annotations
@@ -20,6 +18,7 @@ import threading
 from dataclasses import dataclass
 
 import numpy as np
+import simplejpeg
 from PIL import Image, ImageStat
 
 from ingest.config import CropBox
@@ -43,8 +42,9 @@ _buffers = threading.local()
 
 
 def _decode_buffer(size: int) -> np.ndarray:
-    """This thread's decode output, reused: a fresh 5 MB array is ~1,300 page faults a frame, and with every core
-    faulting at once they cost more (see ingest.process.keep_freed_memory for the rest of a worker's memory)."""
+    """This thread's decode output, reused: a fresh array of a decoded frame's size is page faults on every frame,
+    which cost more with every core faulting at once (see ingest.process.keep_freed_memory for the rest of a
+    worker's memory)."""
     buffer = getattr(_buffers, "array", None)
     if buffer is None or buffer.size < size:
         buffer = _buffers.array = np.empty(size, np.uint8)
@@ -102,8 +102,6 @@ def crop_optical(data: bytes, crop: CropBox, out_size: tuple[int, int], resample
     """Decode the optical half of a Mobotix JPEG at the smallest M/8 scale that covers ``out_size`` (or at
     ``eighths``/8, which must cover it: bench/ingest.py compares scales), crop it to ``crop`` and resize to
     ``out_size`` with antialiasing."""
-    import simplejpeg
-
     _check_header(data)
     try:
         height, width, _, _ = simplejpeg.decode_jpeg_header(data)

@@ -9,6 +9,7 @@ images: the parent's work per frame stays small however many workers feed it.
 
 from __future__ import annotations
 
+import ctypes
 import io
 import json
 import platform
@@ -16,6 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from ingest.config import IngestConfig
 from ingest.frames import FrameTask
@@ -143,23 +145,18 @@ _MEMORY_KEPT = False
 def keep_freed_memory() -> None:
     """Let this process reuse the memory it frees instead of handing it back to the kernel at once (once per process).
 
-    A worker allocates the same few large blocks frame after frame: the read JPEG and CSV (2 MB), the decoded frame,
-    the crop and the resize's passes, the IR array. By default each comes fresh from the kernel (glibc maps blocks
-    above 128 kB anew; Pillow frees its image blocks), ~1,000-2,000 page faults a frame. Measured on the 2-core
-    machine: a worker's CPU time a frame 69.5 -> 65.0 ms with both settings (faults 490 -> 170), and the decode alone
-    59-63 -> 51-52 ms on one core with Pillow's block cache. Pillow: its documented PILLOW_BLOCKS_MAX; glibc:
-    mallopt's M_MMAP_THRESHOLD and M_TRIM_THRESHOLD (other C libraries keep their defaults).
+    A worker allocates the same few large blocks frame after frame: the read JPEG and CSV, the decoded frame, the
+    crop and the resize's passes, the IR array. By default each comes fresh from the kernel (glibc maps large blocks
+    anew; Pillow frees its image blocks), so every frame pays its page faults again; kept, the blocks are reused
+    (bench/RESULTS.md has the measured saving). Pillow: its documented PILLOW_BLOCKS_MAX; glibc: mallopt's
+    M_MMAP_THRESHOLD and M_TRIM_THRESHOLD (other C libraries keep their defaults).
     """
     global _MEMORY_KEPT
     if _MEMORY_KEPT:
         return
     _MEMORY_KEPT = True
-    from PIL import Image
-
     Image.core.set_blocks_max(max(Image.core.get_blocks_max(), 8))
     if platform.libc_ver()[0] == "glibc":
-        import ctypes
-
         libc = ctypes.CDLL(None)
         m_trim_threshold, m_mmap_threshold = -1, -3
         libc.mallopt(m_mmap_threshold, 64 << 20)  # blocks up to 64 MB from the heap, reused when freed

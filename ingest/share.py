@@ -14,8 +14,11 @@ The assembled shards stay in the run's work directory under provisional names; t
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
 import os
+import signal
+import sys
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
@@ -32,10 +35,13 @@ from ingest.frames import FrameTask
 from ingest.process import FrameResult, Piece, process_piece
 from shards.writer import ShardCuts, assemble_shard
 
-__all__ = ["AssembledShard", "ShareOutcome", "WorkerDied", "split_by_bytes", "plan_pieces", "write_share"]
+__all__ = [
+    "AssembledShard", "ShareOutcome", "WorkerDied", "ShareStopped", "split_by_bytes", "plan_pieces", "write_share",
+]
 
 _MOST_FRAMES_PER_PIECE = 32
 _PIECES_PER_WORKER = 4  # a piece is at most 1/(this x workers) of the frames left
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
 @dataclass(frozen=True)
@@ -99,6 +105,27 @@ class WorkerDied(RuntimeError):
     """A worker process ended without finishing its work (killed, e.g. by the kernel's OOM killer)."""
 
 
+class ShareStopped(RuntimeError):
+    """The share was given up before its end because ``stop_early`` said so (another rank's share failed)."""
+
+
+def _start_worker(parent: int) -> None:
+    """A worker's first step: have the kernel kill it when ``parent`` (its rank) dies (Linux's PR_SET_PDEATHSIG), let
+    a Ctrl-C end it without a traceback (its rank reports the interrupt), and leave the launcher's word that a rank
+    died (SIGUSR1) to its rank's watch, whose wake-up pipe it inherited.
+
+    A worker that outlived a killed rank would wait for ever for work, and keep the launcher's output pipes of
+    that rank open: mpiexec would then wait for ever for the rank to end instead of ending the others.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.set_wakeup_fd(-1)
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before the line above took effect
+        os._exit(1)
+
+
 @contextmanager
 def _executor(workers: int, inline: bool) -> Iterator[Callable]:
     """``submit(fn, *args)`` returning a future: a process pool, or inline for tiny runs.
@@ -112,23 +139,25 @@ def _executor(workers: int, inline: bool) -> Iterator[Callable]:
     # fork: workers start in milliseconds with everything imported; spawn would re-import the whole command
     # (pandas, duckdb, pyarrow: about 2 s per worker), which is most of a small incremental run.
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method)) as pool:
+    context = multiprocessing.get_context(method)
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(os.getpid(),)) as pool:
         try:
             yield pool.submit
         except BrokenProcessPool:
-            raise WorkerDied(
-                "a worker process died (killed, or out of memory?) before finishing its frames; nothing was committed"
-            ) from None
+            raise WorkerDied("a worker process died (killed, or out of memory?) before finishing its frames") from None
         except BaseException:
-            pool.shutdown(wait=False, cancel_futures=True)
+            # Pieces not started are dropped; the ones running are waited for (shutdown(wait=False) here would also
+            # keep the pool's own exit from waiting), so no worker writes into the work directory after this.
+            pool.shutdown(wait=True, cancel_futures=True)
             raise
 
 
 def write_share(
     tasks: list[FrameTask], raw_dir: Path, config: IngestConfig, workers: int, work_dir: Path, tag: str,
-    progress: bool = True,
+    progress: bool = True, stop_early: Callable[[], bool] = lambda: False,
 ) -> ShareOutcome:
-    """Turn ``tasks`` into samples and shards in ``work_dir`` (see the module docstring); names start with ``tag``."""
+    """Turn ``tasks`` into samples and shards in ``work_dir`` (see the module docstring); names start with ``tag``.
+    ``stop_early`` is asked after every piece of frames: True gives up the share (ShareStopped)."""
     pieces = plan_pieces(tasks, workers, work_dir, tag)
     outcome = ShareOutcome([], [], {}, workers=workers)
     started = time.perf_counter()
@@ -160,7 +189,7 @@ def write_share(
 
     work_dir.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=len(tasks), unit="frame", desc="ingest", disable=not progress or not tasks, smoothing=0.1)
-    with _executor(workers, inline=workers <= 1 and len(tasks) < 8) as submit:
+    with bar, _executor(workers, inline=workers <= 1 and len(tasks) < 8) as submit:
         # A bounded window of pieces in flight, so shard assembly interleaves with decoding and segments are
         # deleted as the run goes (the pool's queue is first in, first out).
         queued: deque = deque()
@@ -190,9 +219,10 @@ def write_share(
             consumed.add(piece.segment)
             bar.update(len(piece.tasks))
             reap(wait=False)
+            if stop_early():
+                raise ShareStopped("given up: another rank's share failed")
         if open_keys:
             close_shard()
         reap(wait=True)
-    bar.close()
     outcome.seconds = time.perf_counter() - started
     return outcome

@@ -11,6 +11,8 @@ __all__ = ["MEMBERS", "sample_key", "shard_name", "read_selection"]
 
 def __getattr__(name: str):
     if name == "read_selection":
+        # Kept local: shards.reader costs 1.1-1.3 s on top of `import shards` (measured 2026-12-04), which the
+        # writer and `shards verify` never need.
         from shards.reader import read_selection
 
         return read_selection

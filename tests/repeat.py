@@ -33,11 +33,11 @@ def summary_line(output: str) -> str:
     return lines[-1] if lines else "(no output)"
 
 
-def loop_mpi_tests(count: int, marker: str | None) -> int:
+def loop_mpi_tests(count: int, marker: str | None, keyword: str | None = None) -> int:
     """Every `mpi` test ``count`` times in one pytest session (fixtures made once)."""
     expression = "mpi" if not marker else f"mpi and ({marker})"
     argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", expression, f"--count={count}",
-            "--repeat-scope=function"]
+            "--repeat-scope=function"] + (["-k", keyword] if keyword else [])
     started = time.monotonic()
     done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True)
     failures = sorted({line.split(" - ")[0] for line in done.stdout.splitlines() if line.startswith("FAILED ")})
@@ -71,13 +71,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mpi", type=int, metavar="N", help="run each test marked `mpi` N times")
     parser.add_argument("-m", dest="marker", help="a further pytest marker expression for --mpi (e.g. 'not slow')")
+    parser.add_argument("-k", dest="keyword", help="a pytest -k expression for --mpi (e.g. 'training')")
     parser.add_argument("--suite", type=int, metavar="N", help="run `make test` N times in a fresh clone of HEAD")
     args = parser.parse_args(argv)
     if not (args.mpi or args.suite):
         parser.error("give --mpi N, --suite N or both")
     code = 0
     if args.mpi:
-        code = loop_mpi_tests(args.mpi, args.marker) or code
+        code = loop_mpi_tests(args.mpi, args.marker, args.keyword) or code
     if args.suite:
         code = loop_suite(args.suite) or code
     return code

@@ -1,5 +1,7 @@
-"""`mpiexec -n 2 ingest build-shards`: the catalog of one process, byte-identical reruns, and a killed rank that
-commits nothing and leaves work that a rerun with another number of ranks completes."""
+"""`mpiexec -n 2 ingest build-shards`: the catalog of one process, byte-identical reruns, a killed rank that
+commits nothing and leaves work that a rerun with another number of ranks completes, and what only rank 0 decides
+(the configuration, the lock) ending every rank alike, reported once. (Ranks failing mid-decode:
+test_ingest_rank_failure.py.)"""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from pathlib import Path
 import pytest
 
 import catalog
+from catalog.store import dataset_lock
 from ingest.build import BuildError, build_shards
 from ingest.config import IngestConfig
 from shards.cli import main as shards_main
@@ -21,6 +24,8 @@ from shards.cli import main as shards_main
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 CONFIG = "workers = 1\nshard_target_mb = 8.0\n"  # the shard size of conftest's `built`
+
+pytestmark = pytest.mark.mpi
 
 
 def ingest_argv(raw: Path, dataset: Path, config: Path, ranks: int) -> list[str]:
@@ -143,3 +148,46 @@ def test_an_mpi_library_that_is_not_the_launchers_is_a_clear_error(monkeypatch, 
     with pytest.raises(BuildError, match=r"started 2 ranks but MPI sees 1.*Open MPI v4\.1\.6.*MPI4PY_LIBMPI"):
         build_shards(synth_raw, tmp_path / "dataset", IngestConfig(workers=1), progress=False, log=lambda m: None)
     assert not (tmp_path / "dataset").exists()
+
+
+def _failure_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("ingest build-shards:")]
+
+
+def test_a_locked_dataset_stops_every_rank_with_one_line(synth_raw, tmp_path):
+    # Rank 0 alone takes the lock; what it finds must end every rank, with rank 0's exit code.
+    dataset = tmp_path / "dataset"
+    with dataset_lock(dataset, "another writer of this test"):
+        result = subprocess.run(ingest_argv(synth_raw, dataset, config_file(tmp_path), ranks=2), capture_output=True,
+                                text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 3, result.stderr[-3000:]
+    lines = _failure_lines(result.stderr)
+    assert len(lines) == 1 and "another writer of this test" in lines[0], result.stderr[-3000:]
+    assert not (dataset / "catalog").exists()
+
+
+def test_a_bad_config_is_reported_once(synth_raw, tmp_path):
+    config = tmp_path / "ingest.toml"
+    config.write_text('workers = "two"\n')
+    result = subprocess.run(ingest_argv(synth_raw, tmp_path / "dataset", config, ranks=2), capture_output=True,
+                            text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert _failure_lines(result.stderr) == [f"ingest build-shards: {config}.workers: expected an integer, got 'two'"]
+
+
+def test_the_config_is_rank_0s_even_where_another_rank_cannot_read_it(synth_raw, built, tmp_path):
+    # Each rank starts in a directory of its own and the config path is relative: only rank 0's holds the file.
+    # Every rank reading it for itself left rank 1 failing alone while rank 0 waited for it for ever.
+    (tmp_path / "rank0").mkdir()
+    (tmp_path / "rank1").mkdir()
+    config_file(tmp_path / "rank0")
+    dataset = tmp_path / "dataset"
+    argv = [sys.executable, "-m", "ingest", "build-shards", str(synth_raw), str(dataset), "--nodes",
+            str(synth_raw / "nodes.csv"), "--config", "ingest.toml", "--quiet"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    mpmd = [str(BIN / "mpiexec"), "-n", "1", "-wdir", str(tmp_path / "rank0"), *argv,
+            ":", "-n", "1", "-wdir", str(tmp_path / "rank1"), *argv]
+    result = subprocess.run(mpmd, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert view(dataset) == view(built)
+    assert len(shard_hashes(dataset)) >= 2, "both ranks wrote shards"
