@@ -21,6 +21,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,10 +119,20 @@ class PeerWatch:
             heard = self._wait()
             if self._stopped.is_set():
                 return
-            gone = gone_peers(self.peers, self.rank)
+            gone = gone_peers(self.peers, self.rank) if not heard else self._gone_after_signal()
             if gone or heard:
                 self._end(gone)
                 return
+
+    def _gone_after_signal(self) -> list[int]:
+        """The dead ranks of this host once Hydra has said one died: its process can outlive the word by a few
+        milliseconds (still exiting), so look again briefly before blaming another host."""
+        for _ in range(25):
+            gone = gone_peers(self.peers, self.rank)
+            if gone:
+                return gone
+            time.sleep(0.02)
+        return []
 
     def _wait(self) -> bool:
         """Sleep one interval or until a signal; whether Hydra's SIGUSR1 was among the signals."""
