@@ -25,7 +25,7 @@ from tqdm import tqdm
 from analysis.results import PCAResult, PCASpace, write_result
 from analysis.runs import AnalysisError
 from analysis.store import SPACES, Embeddings, pyplot, save_figure
-from catalog.ranks import PeerWatch, this_peer
+from catalog.ranks import PeerWatch, failed_line, this_peer
 from catalog.runinfo import launched_by_mpi
 
 __all__ = ["PCAFit", "streamed_pca", "run_pca", "open_pca", "plot_explained_variance"]
@@ -140,9 +140,7 @@ def _on_every_rank(comm, work):  # noqa: ANN001, ANN202
         with PeerWatch("analysis pca", rank, peers, comm.Abort):
             return work()
     except BaseException as exc:
-        why = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        print(f"analysis pca: rank {rank} of {world} failed: {type(exc).__name__}: {why}; ending every rank",
-              file=sys.stderr, flush=True)
+        print(failed_line("analysis pca", rank, world, exc), file=sys.stderr, flush=True)
         comm.Abort(1)
         raise
 

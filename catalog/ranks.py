@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Peer", "this_peer", "gone_peers", "PeerWatch", "WATCH_INTERVAL_S"]
+__all__ = ["Peer", "this_peer", "gone_peers", "PeerWatch", "WATCH_INTERVAL_S", "died", "reason", "failed_line"]
 
 WATCH_INTERVAL_S = 0.5  # how often a rank looks at the others: the bound on noticing, with MPI Abort's own time
 
@@ -60,6 +60,25 @@ def gone_peers(peers: tuple[Peer, ...], me: int) -> list[int]:
     host = socket.gethostname()
     return [rank for rank, peer in enumerate(peers)
             if rank != me and peer.host == host and _start_ticks(peer.pid) != peer.started]
+
+
+def died(gone: list[int], peers: tuple[Peer, ...]) -> str:
+    """"rank 1 (pid N) of 2 died (killed, ...)": the words every command uses for ranks that vanished."""
+    names = ", ".join(f"rank {r} (pid {peers[r].pid})" for r in gone)
+    return f"{names} of {len(peers)} died (killed, out of memory or crashed)"
+
+
+def reason(exc: BaseException) -> str:
+    """Why a rank failed, in a few words: the exception's type and first line."""
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted"
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0].strip() if lines else ''}"
+
+
+def failed_line(command: str, rank: int, world_size: int, exc: BaseException) -> str:
+    """One line for a rank whose own code failed: which rank, and why."""
+    return f"{command}: rank {rank} of {world_size} failed: {reason(exc)}; ending every rank"
 
 
 class PeerWatch:
@@ -150,9 +169,7 @@ class PeerWatch:
 
     def _end(self, gone: list[int]) -> None:
         if gone:
-            names = ", ".join(f"rank {r} (pid {self.peers[r].pid})" for r in gone)
-            line = (f"{self.command}: {names} of {len(self.peers)} died (killed, out of memory or crashed); "
-                    f"rank {self.rank} ends every rank")
+            line = f"{self.command}: {died(gone, self.peers)}; rank {self.rank} ends every rank"
         else:
             line = (f"{self.command}: the launcher reports that a rank of {len(self.peers)} died (on another host); "
                     f"rank {self.rank} ends every rank")

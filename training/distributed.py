@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from catalog.ranks import Peer, PeerWatch, gone_peers, this_peer
+from catalog.ranks import Peer, PeerWatch, died, failed_line, gone_peers, reason, this_peer
 from catalog.runinfo import launched_by_mpi
 
 ABORT_GRACE_S = 0.3
@@ -115,18 +115,13 @@ def failure_line(command: str, rank: int, world_size: int, exc: BaseException, p
     vanished (killed, out of memory, crashed: it could not say so itself) names the peers of this host that are
     gone, or says that a rank on another host stopped answering.
     """
-    why = f"{type(exc).__name__}: {_first_line(str(exc))}"
-    if isinstance(exc, KeyboardInterrupt):
-        why = "interrupted"
-    if _lost_peer(exc) and peers:
-        gone = gone_peers(peers, rank)
-        if gone:
-            names = ", ".join(f"rank {r} (pid {peers[r].pid})" for r in gone)
-            return (f"{command}: {names} of {world_size} died (killed, out of memory or crashed); rank {rank} "
-                    f"lost it in a collective and ends every rank")
-        return (f"{command}: rank {rank} of {world_size} lost contact with another rank ({why}); a rank on another "
-                "host died or hangs; ending every rank")
-    return f"{command}: rank {rank} of {world_size} failed: {why}; ending every rank"
+    if not (_lost_peer(exc) and peers):
+        return failed_line(command, rank, world_size, exc)
+    gone = gone_peers(peers, rank)
+    if gone:
+        return f"{command}: {died(gone, peers)}; rank {rank} lost it in a collective and ends every rank"
+    return (f"{command}: rank {rank} of {world_size} lost contact with another rank ({reason(exc)}); a rank on another "
+            "host died or hangs; ending every rank")
 
 
 _LOST_PEER_TEXT = ("connection closed by peer", "connection reset by peer", "broken pipe", "connection refused",
@@ -137,11 +132,6 @@ def _lost_peer(exc: BaseException) -> bool:
     text = str(exc).lower()
     return isinstance(exc, (dist.DistError, RuntimeError, ConnectionError)) and any(
         marker in text for marker in _LOST_PEER_TEXT)
-
-
-def _first_line(text: str) -> str:
-    lines = text.strip().splitlines()
-    return lines[0].strip() if lines else text
 
 
 def _rendezvous_address(rank: int, peers: tuple[Peer, ...]) -> str | None:
