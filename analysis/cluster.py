@@ -47,6 +47,7 @@ from analysis.results import (Agreement, ClusterResult, ClusterSettings, Cluster
 from analysis.runs import AnalysisError
 from analysis.store import SPACES, Embeddings, pyplot, save_figure, write_parquet
 from catalog.query import sql_string
+from shards.layout import ir_celsius
 from shards.reader import SelectionReader, ShardReadError
 
 __all__ = ["fit_clusters", "silhouette", "run_clusters", "SpaceClusters", "TABLE_COLUMNS", "HEATMAP_COLUMNS"]
@@ -321,7 +322,7 @@ def read_pairs(dataset: Path, keys: Sequence[str]) -> dict[str, tuple[np.ndarray
     pairs = {}
     try:
         for sample in SelectionReader(selection, dataset).iter_rows(np.arange(selection.num_rows)):
-            ir = np.load(io.BytesIO(sample["ir.npy"]), allow_pickle=False).astype(np.float32)
+            ir = ir_celsius(sample)
             pairs[sample["__key__"]] = (_rgb_thumbnail(sample["rgb.jpg"]), ir)
     except ShardReadError as exc:
         raise AnalysisError(str(exc).strip().splitlines()[0]) from None

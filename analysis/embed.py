@@ -31,7 +31,7 @@ from analysis.store import create_embedding_store
 from catalog.runinfo import config_to_dict, provenance
 from shards.reader import SelectionReader
 from training.distributed import abort, bcast, failure_line, local_device, mpi_peers, mpi_world, watch_ranks
-from training.loader import BatchViews, DevicePrefetcher, RowBatches, make_loader, selection_fingerprint
+from training.loader import BatchViews, DevicePrefetcher, RowBatches, make_loader, selection_fingerprint, shard_cache
 
 __all__ = ["embed", "EmbedResult", "selection_for", "embedding_identity", "IDENTITY_VERSION", "NOT_IN_IDENTITY"]
 
@@ -52,6 +52,9 @@ NOT_IN_IDENTITY = frozenset({
     # How many processes load batches and how far ahead: the same batches either way.
     "workers",
     "prefetch",
+    # Where whole shards of a published dataset are kept on local disk: the same bytes either way.
+    "cache",
+    "cache_limit",
     # The run's training decode: embed replaces it by its own embed.decode.
     "decode",
 })
@@ -74,7 +77,7 @@ def selection_for(run: RunDir, where: str, dataset: str | None = None, *, allow_
     is an error unless ``allow_empty``."""
     config = run.training_config()
     root = dataset or config.data.dataset
-    if not root or not Path(root).is_dir():
+    if not root or not catalog.dataset_exists(root):
         raise AnalysisError(f"{run.root / 'config.toml'}: data.dataset {root!r} does not exist here (pass --dataset)")
     try:
         with catalog.open(root) as cat:
@@ -85,7 +88,7 @@ def selection_for(run: RunDir, where: str, dataset: str | None = None, *, allow_
         raise AnalysisError(f"--where {where!r} is not valid SQL over `samples`: {exc.reason}") from None
     if selection.num_rows == 0 and not allow_empty:
         raise AnalysisError(f"--where {where!r} selects no samples in {root}")
-    return selection, Path(root), config
+    return selection, catalog.dataset_ref(root), config
 
 
 def embedding_identity(checkpoint: Checkpoint, where: str, selection_sha: str, config, projections: bool) -> str:
@@ -239,7 +242,12 @@ def _embed_my_chunks(run: RunDir, verdict: dict, cfg: EmbedConfig, rank: int, wo
         start, stop = c * chunk_rows, min((c + 1) * chunk_rows, n)
         for b in range(start, stop, cfg.batch_size):
             batches.append(((c, b - start), np.arange(b, min(b + cfg.batch_size, stop))))
-    reader = SelectionReader(selection, Path(verdict["dataset"]))
+    try:
+        cache = shard_cache(dataclasses.replace(data, dataset=verdict["dataset"]), selection,
+                            max(cfg.worker_count(local_size), 1) * local_size)
+    except ValueError as exc:
+        raise AnalysisError(f"data.cache_limit: {exc}") from None
+    reader = SelectionReader(selection, catalog.dataset_ref(verdict["dataset"]), cache=cache)
     loader = make_loader(RowBatches(reader, batches, data, m.mode, data.ir_mean), cfg.worker_count(local_size), 4,
                          pin_memory=device.type == "cuda")
     names = [name for name in ("rgb", "ir", "rgb_z", "ir_z") if name in group.array_keys()]

@@ -19,8 +19,10 @@ __all__ = ["sample_metadata", "truth_path", "CLOUD_CLASSES"]
 CLOUD_CLASSES = ("clear", "partly cloudy", "overcast")
 
 
-def truth_path(dataset: Path) -> Path | None:
-    """RAW/truth.parquet of the dataset's most recent ingest run, if it exists here."""
+def truth_path(dataset: Path | str) -> Path | None:
+    """RAW/truth.parquet of the dataset's most recent ingest run, if it exists here (a published dataset has none)."""
+    if catalog.is_remote(dataset):
+        return None
     with catalog.open(dataset) as cat:
         rows = cat.query("SELECT raw_dir FROM runs ORDER BY id DESC").column("raw_dir").to_pylist()
     for raw in rows:

@@ -66,8 +66,8 @@ class Analysis:
     def embeddings(self, checkpoint: str) -> Embeddings:
         return open_embeddings(self.run.embeddings(checkpoint))
 
-    def dataset_of(self, embeddings: Embeddings) -> Path:
-        return Path(self.dataset or embeddings.attrs["dataset"])
+    def dataset_of(self, embeddings: Embeddings) -> Path | str:
+        return catalog.dataset_ref(self.dataset or embeddings.attrs["dataset"])
 
     def metadata(self, embeddings: Embeddings):
         return sample_metadata(self.dataset_of(embeddings), embeddings.keys(), self.config.knn.cloud_bins)
@@ -178,8 +178,8 @@ class Analysis:
         """step -> why it was skipped for this checkpoint, in this session."""
         return {s.step: s.reason for s in self.skipped if s.checkpoint == checkpoint and s.step in steps}
 
-    def _dataset_root(self) -> Path:
-        return Path(self.dataset or self.run.training_config().data.dataset)
+    def _dataset_root(self) -> Path | str:
+        return catalog.dataset_ref(self.dataset or self.run.training_config().data.dataset)
 
     def _selects_nothing(self, where: str) -> bool:
         """The catalog holds no sample matching ``where`` (a dataset without a test split, say); a missing dataset

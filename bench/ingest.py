@@ -1,8 +1,9 @@
 """Ingest throughput on full-size (6144x2048) frames against the limit of the irreducible work.
 
 Irreducible work of one frame, measured in one process: parse the celsius CSV, decode the JPEG at the scale
-used (DCT-scaled 3/8 for the default 672x504 output), crop+resize, encode the output JPEG and the .npy (the mean
-over the frames; figures before 2026-11-28 10:00 UTC took the median, which left out the tail a build pays). It is
+used (DCT-scaled 3/8 for the default 672x504 output), crop+resize, encode the output JPEG and the IR member (its
+.npy gzip-compressed; the plain .npy before 2026-12-05). Each figure is the mean over the frames (figures before
+2026-11-28 10:00 UTC took the median, which left out the tail a build pays). It is
 measured for every decode tried (libjpeg-turbo's 3/8 through simplejpeg, which ingest uses: the smallest M/8 that
 covers the output; 4/8; Pillow's 1/2 draft, which ingest used before), so the one-core floor of each is printed
 side by side.
@@ -36,7 +37,7 @@ from bench._common import OUT, find_mpiexec, record  # noqa: E402
 from ingest.build import build_shards  # noqa: E402
 from ingest.config import IngestConfig  # noqa: E402
 from ingest.optical import crop_optical, crop_optical_pillow, encode_jpeg  # noqa: E402
-from ingest.process import encode_npy, keep_freed_memory  # noqa: E402
+from ingest.process import encode_ir, keep_freed_memory  # noqa: E402
 from ingest.synth import SynthConfig, synthesize  # noqa: E402
 from ingest.thermal import parse_celsius_csv  # noqa: E402
 
@@ -82,7 +83,7 @@ def irreducible_seconds(raw: Path, config: IngestConfig, crop=None, frames: int 
         image = crop(rgb_bytes, config, config.rgb_output_size(*thermal.sensor_size))
         t2 = time.perf_counter()
         encode_jpeg(image, config.jpeg_quality)
-        encode_npy(thermal.celsius)
+        encode_ir(thermal.celsius)
         t3 = time.perf_counter()
         parts["csv"].append(t1 - t0)
         parts["decode+crop+resize"].append(t2 - t1)

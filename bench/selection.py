@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import median_time, record, synthetic_dataset  # noqa: E402
 from catalog.query import Catalog  # noqa: E402
+from shards.layout import ir_member_of  # noqa: E402
 from shards.reader import read_selection  # noqa: E402
 
 
@@ -30,7 +31,7 @@ def dataset(frames_per_node: int) -> Path:
 def drain(iterable) -> int:
     count = 0
     for sample in iterable:
-        count += len(sample["ir.npy"]) > 0
+        count += len(sample[ir_member_of(sample)]) > 0
     return count
 
 

@@ -6,8 +6,8 @@ size as from full frames: 672x504 JPEG q90 + 336x252 float32 IR). Page cache war
 1. The loader alone (no model): `training.loader` with 2 workers, batch 64, the default sizes (RGB 240x320,
    IR 120x160, decode='cpu'), iterated over several epochs of steps (the first batches, worker start-up, are not
    counted). Limit: the work no loader can skip, per sample: the augmentation draw, ``decode_rgb_crop`` of the
-   JPEG, ``np.load`` + ``crop_ir`` of the IR, over bytes already in memory; run in 1 process (the one-core rate)
-   and in 2 processes at once (the "2-worker limit": what 2 workers could do on this machine at best).
+   JPEG, ``ir_celsius`` (gunzip + np.load) + ``crop_ir`` of the IR, over bytes already in memory; run in 1 process
+   (the one-core rate) and in 2 processes at once (the "2-worker limit": what 2 workers could do on this machine at best).
    Targets: >= 0.8 of the 2-worker limit, and >= 50x the 2023 loader's 6-9 samples/s on 2 cores.
    This VM's speed swings ~30% from minute to minute, so the limit is measured right before and after every
    loader run and the fastest measurement counts (against the fastest loader run); the CPU time per sample,
@@ -27,7 +27,6 @@ Every part ends with the CPU that other processes took meanwhile (this VM may be
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import shutil
@@ -148,6 +147,7 @@ class Neighbours:
 
 def _limit_job(job: tuple[str, int, float, int]) -> tuple[float, float, dict[str, float]]:
     """(samples/s, CPU s per sample, ms per part) of the workers' irreducible work in this process."""
+    from shards.layout import ir_celsius
     from shards.reader import SelectionReader
     from training.config import DataConfig
     from training.transforms import crop_ir, decode_rgb_crop, draw_augment, sample_rng
@@ -155,17 +155,17 @@ def _limit_job(job: tuple[str, int, float, int]) -> tuple[float, float, dict[str
     root, count, fill, seed = job
     table, _ = selection_and_fill(Path(root))
     reader = SelectionReader(table, Path(root))
-    samples = [(s["__key__"], s["rgb.jpg"], s["ir.npy"]) for s in reader.iter_rows(np.arange(min(count, table.num_rows)))]
+    samples = [(s["__key__"], s["rgb.jpg"], s) for s in reader.iter_rows(np.arange(min(count, table.num_rows)))]
     data = DataConfig()
     parts = {"draw": 0.0, "rgb": 0.0, "ir": 0.0}
     started, cpu = time.perf_counter(), time.process_time()
-    for key, jpeg, npy in samples:
+    for key, jpeg, sample in samples:
         t0 = time.perf_counter()
         aug = draw_augment(sample_rng(seed, 0, key), data)
         t1 = time.perf_counter()
         decode_rgb_crop(jpeg, aug.box, data.rgb_size, aug.flip)
         t2 = time.perf_counter()
-        celsius = np.load(io.BytesIO(npy), allow_pickle=False)
+        celsius = ir_celsius(sample)  # the IR member as stored: gunzip + .npy (plain .npy in older datasets)
         crop_ir(celsius, aug.box, data.ir_size, aug.flip, fill, aug.ir_gain, aug.ir_offset_c, data.ir_noise_c,
                 aug.noise_seed)
         t3 = time.perf_counter()
@@ -404,7 +404,7 @@ def main() -> None:
         f"float32 IR per sample; page cache warm)",
         f"limit, one core: {one_rate:.0f} samples/s, the best of {one_rates} measured around the loader runs "
         f"({1000 / one_rate:.2f} ms/sample; median parts: augment draw {parts['draw']:.2f}, decode_rgb_crop "
-        f"{parts['rgb']:.2f}, np.load + crop_ir {parts['ir']:.2f})",
+        f"{parts['rgb']:.2f}, ir_celsius + crop_ir {parts['ir']:.2f})",
         f"limit of {workers} workers (the same work in {workers} processes at once): {limit_rate:.0f} samples/s, the "
         f"best of {together_rates} = {limit_rate / one_rate:.2f} x the one-core rate",
         f"loader alone, {workers} workers, batch {BATCH}, RGB 240x320 + IR 120x160 (defaults), {epochs} epochs of "

@@ -14,6 +14,7 @@ from catalog.describe import describe, format_table
 from catalog.location import NodesError, load_nodes_csv
 from catalog.maintain import set_nodes_locked
 from catalog.query import Catalog, CatalogError, write_selection
+from catalog.storage import is_remote
 from catalog.store import DatasetLayout, DatasetLocked, dataset_lock
 
 FORMATS = ("table", "csv", "json", "parquet")
@@ -84,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{selection.num_rows} samples from {shards} shard(s) -> {args.out}")
             return 0
         if args.command == "set-nodes":
+            if is_remote(args.dataset):
+                raise CatalogError(f"{args.dataset}: a published dataset is read-only; set the nodes in the dataset "
+                                   "directory, then `shards publish` it again")
             nodes = load_nodes_csv(args.nodes_csv)
             layout = DatasetLayout(args.dataset)
             if not layout.exists():

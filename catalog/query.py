@@ -16,6 +16,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from catalog.schema import FILES, NODES, RUNS, SAMPLES, SHARDS
+from catalog.remote import fetch_catalog
+from catalog.storage import StorageError, check_url, is_remote
 from catalog.store import DatasetLayout
 
 __all__ = ["Catalog", "CatalogError", "open_catalog", "write_selection", "SELECTION_COLUMNS", "VIEWS"]
@@ -38,6 +40,8 @@ SELECTION_COLUMNS = (
     "json_size",
     "rgb_offset",
     "rgb_size",
+    "ir_member",
+    "shard_sha256",
 )
 
 
@@ -78,11 +82,20 @@ def _path_list(paths: list[Path]) -> str:
 class Catalog:
     """Read-only SQL access to one dataset's catalog."""
 
-    def __init__(self, dataset: str | os.PathLike[str]) -> None:
-        self.layout = DatasetLayout(dataset)
+    def __init__(self, dataset: str | os.PathLike[str], *, cache: str | os.PathLike[str] | None = None) -> None:
+        """``dataset``: a directory, or the URL of a publication (its catalog is fetched into ``cache``)."""
+        if is_remote(dataset):
+            try:
+                self.source = check_url(str(dataset))
+                self.layout = DatasetLayout(fetch_catalog(self.source, cache))
+            except StorageError as exc:
+                raise CatalogError(str(exc), dataset=dataset) from None
+        else:
+            self.layout = DatasetLayout(dataset)
+            self.source = str(self.layout.root.resolve())
         if not self.layout.exists():
-            raise CatalogError(f"{self.layout.root}: not a sagepairs dataset (no catalog/ directory)",
-                               dataset=self.layout.root)
+            raise CatalogError(f"{self.source}: not a sagepairs dataset (no catalog/ directory)",
+                               dataset=self.source)
         self.con = duckdb.connect(":memory:")
         self.con.execute("SET TimeZone = 'UTC'")
         self._create_views()
@@ -94,15 +107,25 @@ class Catalog:
 
     def _samples_union(self, parts: list[Path]) -> str:
         """Every part's samples, in today's columns: parts written before 2026-11-28 say ``draft_factor`` (the JPEG
-        was decoded at 1/draft_factor) where newer ones say ``decode_scale``."""
+        was decoded at 1/draft_factor) where newer ones say ``decode_scale``; parts written before 2026-12-05 have
+        no ``ir_member``: their samples hold the plain ``ir.npy``."""
         union = f"SELECT * FROM read_parquet({_path_list(parts)}, union_by_name = true)"
         columns = {row[0] for row in self.con.execute(f"DESCRIBE {union}").fetchall()}
-        if "draft_factor" not in columns:
-            return union
-        older = "CAST(1.0 / draft_factor AS FLOAT)"
-        if "decode_scale" in columns:
-            return f"SELECT * EXCLUDE (draft_factor) REPLACE (coalesce(decode_scale, {older}) AS decode_scale) FROM ({union})"
-        return f"SELECT * EXCLUDE (draft_factor), {older} AS decode_scale FROM ({union})"
+        exclude, replace, added = [], [], []
+        if "draft_factor" in columns:
+            older = "CAST(1.0 / draft_factor AS FLOAT)"
+            exclude.append("draft_factor")
+            if "decode_scale" in columns:
+                replace.append(f"coalesce(decode_scale, {older}) AS decode_scale")
+            else:
+                added.append(f"{older} AS decode_scale")
+        if "ir_member" in columns:
+            replace.append("coalesce(ir_member, 'ir.npy') AS ir_member")
+        else:
+            added.append("'ir.npy' AS ir_member")
+        star = "*" + (f" EXCLUDE ({', '.join(exclude)})" if exclude else "") + (
+            f" REPLACE ({', '.join(replace)})" if replace else "")
+        return f"SELECT {', '.join([star, *added])} FROM ({union})"
 
     def _create_views(self) -> None:
         snapshot = self.layout.latest_snapshot()
@@ -168,7 +191,7 @@ class Catalog:
             relation = self.con.sql(sql, params=params or None)
             table = relation.to_arrow_table() if relation is not None else pa.table({})
         except duckdb.Error as exc:
-            raise CatalogError(str(exc), dataset=self.layout.root, views=self.views_help()) from None
+            raise CatalogError(str(exc), dataset=self.source, views=self.views_help()) from None
         return table
 
     def nodes(self) -> pa.Table:
@@ -189,17 +212,18 @@ class Catalog:
         filtered = "SELECT * FROM samples" + (" WHERE " + " AND ".join(conditions) if conditions else "")
         sql = (
             "SELECT s.key, s.vsn, s.ts_ns, s.split, s.shard, h.bytes AS shard_bytes, s.sample_offset, "
-            "s.sample_length, s.ir_offset, s.ir_size, s.json_offset, s.json_size, s.rgb_offset, s.rgb_size "
+            "s.sample_length, s.ir_offset, s.ir_size, s.json_offset, s.json_size, s.rgb_offset, s.rgb_size, "
+            "s.ir_member, h.sha256 AS shard_sha256 "
             f"FROM ({filtered}) s JOIN shards h ON s.shard = h.name ORDER BY s.shard, s.sample_offset"
             + (f" LIMIT {int(limit)}" if limit is not None else "")
         )
         try:
             table = self.con.sql(sql, params=params or None).to_arrow_table()
         except duckdb.Error as exc:
-            raise CatalogError(str(exc), dataset=self.layout.root, where=where or "",
+            raise CatalogError(str(exc), dataset=self.source, where=where or "",
                                views=self.views_help()) from None
         metadata = {
-            b"sagepairs.dataset": str(self.layout.root.resolve()).encode(),
+            b"sagepairs.dataset": self.source.encode(),
             b"sagepairs.where": (where or "").encode(),
             b"sagepairs.split": (split or "").encode(),
         }
@@ -215,8 +239,8 @@ class Catalog:
         self.close()
 
 
-def open_catalog(dataset: str | os.PathLike[str]) -> Catalog:
-    return Catalog(dataset)
+def open_catalog(dataset: str | os.PathLike[str], *, cache: str | os.PathLike[str] | None = None) -> Catalog:
+    return Catalog(dataset, cache=cache)
 
 
 def write_selection(selection: pa.Table, path: str | os.PathLike[str]) -> None:

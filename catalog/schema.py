@@ -36,6 +36,7 @@ SAMPLES = pa.schema(
         ("shard", pa.string()),
         ("sample_offset", pa.int64()),
         ("sample_length", pa.int64()),
+        ("ir_member", pa.string()),  # "ir.npy.gz" (gzip of the .npy); "ir.npy" in parts written before 2026-12-05
         ("ir_offset", pa.int64()),
         ("ir_size", pa.int64()),
         ("json_offset", pa.int64()),

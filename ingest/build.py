@@ -45,7 +45,7 @@ from ingest.metadata import UPLOAD_COLUMNS, MetadataError, UploadRecord, read_me
 from ingest.naming import ROLE_OTHER, ROLE_RGB, ROLE_THERMAL, classify_name, is_sky_position, parse_raw_path
 from ingest.process import FrameResult
 from ingest.share import ShareOutcome, ShareStopped, split_by_bytes, write_share
-from shards.layout import MEMBERS, shard_index, shard_name
+from shards.layout import IR_MEMBERS, JSON_MEMBER, RGB_MEMBER, shard_index, shard_name
 from shards.writer import ShardRecord, fsync_dir
 
 __all__ = ["BuildSummary", "BuildError", "build_shards", "scan_raw"]
@@ -677,13 +677,15 @@ def _reject_decisions(task: FrameTask, result: FrameResult) -> list[FileDecision
 def _sample_row(task: FrameTask, result: FrameResult, shard: str, offset: int, run_id: str) -> dict:
     """The sample's catalog row; ``offset``: its first byte in ``shard`` (members' offsets follow from it)."""
     place = result.placement
-    ir, js, rgb = (place.members[m] for m in MEMBERS)
+    ir_member = next(m for m in IR_MEMBERS if m in place.members)
+    ir, js, rgb = place.members[ir_member], place.members[JSON_MEMBER], place.members[RGB_MEMBER]
     return {
         **task.provenance(),
         "is_sky": is_sky_position(task.position),
         "shard": shard,
         "sample_offset": offset,
         "sample_length": place.length,
+        "ir_member": ir_member,
         "ir_offset": offset + ir.offset,
         "ir_size": ir.size,
         "json_offset": offset + js.offset,

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from catalog.runinfo import ConfigError, load_config
+from catalog.storage import is_remote
 from catalog.store import DatasetLocked
 from ingest.build import BuildSummary, build_shards
 from ingest.collective import BuildError, RankStopped, Ranks, exit_code
@@ -119,6 +120,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _build_shards(args: argparse.Namespace, argv: list[str] | None) -> int:
     """Under mpiexec every rank runs this; rank 0 alone reads the configuration and reports (see ingest.collective)."""
+    if is_remote(args.dataset):
+        print(f"ingest build-shards: {args.dataset}: ingest writes a dataset directory; build it locally, then "
+              f"`shards publish DATASET {args.dataset}`", file=sys.stderr)
+        return 2
     try:
         ranks = Ranks.start()
         config = ranks.decide(lambda: load_config(IngestConfig, args.config, {"workers": args.workers}))

@@ -10,7 +10,6 @@ images: the parent's work per frame stays small however many workers feed it.
 from __future__ import annotations
 
 import ctypes
-import io
 import json
 import platform
 from dataclasses import dataclass, replace
@@ -23,13 +22,17 @@ from ingest.config import IngestConfig
 from ingest.frames import FrameTask
 from ingest.optical import CorruptJPEGError, crop_optical, encode_jpeg, mean_brightness
 from ingest.thermal import ThermalCSVError, check_celsius_values, parse_celsius_csv
-from shards.layout import IR_MEMBER, JSON_MEMBER, RGB_MEMBER
+from shards.layout import IR_GZ_MEMBER, JSON_MEMBER, RGB_MEMBER, encode_ir, encode_npy
 from shards.writer import MemberLocation, sample_bytes
 
 __all__ = [
     "FrameResult", "SegmentSample", "Piece", "process_frame", "process_safely", "process_piece", "encode_npy",
-    "sample_json",
+    "encode_ir", "sample_json", "IR_WRITTEN",
 ]
+
+# The IR member new samples get: the .npy gzip-compressed (shards.layout). ``layout.IR_MEMBER``, the plain .npy, is
+# what builds before 2026-12-05 wrote; the tests set this to it to build such a dataset and read it back.
+IR_WRITTEN = IR_GZ_MEMBER
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,12 +66,6 @@ class Piece:
 
     tasks: tuple[FrameTask, ...]
     segment: str
-
-
-def encode_npy(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
-    return buffer.getvalue()
 
 
 def sample_json(task: FrameTask, header: dict[str, str], source_size, box, rgb_size, ir_size, config: IngestConfig) -> bytes:
@@ -132,7 +129,7 @@ def process_frame(task: FrameTask, raw_dir: str, config: IngestConfig) -> FrameR
         "decode_scale": optical.decode_scale,
     }
     members = {
-        IR_MEMBER: encode_npy(celsius),
+        IR_WRITTEN: encode_ir(celsius, IR_WRITTEN),
         JSON_MEMBER: sample_json(task, thermal.header, optical.source_size, optical.box, out_size, (ir_width, ir_height), config),
         RGB_MEMBER: rgb_jpeg,
     }

@@ -1,9 +1,11 @@
 """Read a Selection straight from shard byte ranges (DESIGN.md "Selection and reading").
 
 ``read_selection(selection)`` yields the same sample dicts stock ``webdataset.WebDataset`` yields
-(``__key__``, ``__url__``, ``__local_path__``, ``ir.npy``, ``json``, ``rgb.jpg`` as bytes), but reads only the
+(``__key__``, ``__url__``, ``__local_path__``, ``ir.npy.gz`` (``ir.npy`` in datasets built before 2026-12-05:
+``shards.layout.ir_celsius`` decodes either), ``json``, ``rgb.jpg`` as bytes), but reads only the
 selected samples: one ``pread`` per sample, grouped by shard in offset order, or one sequential read of the
-whole shard when most of it is selected. Every member is checked against its USTAR header and the shard's
+whole shard when most of it is selected. From a published dataset (``s3://``, ``https://``) the same rows come
+by byte range, every shard of a window in flight at once (shards/remote.py). Every member is checked against its USTAR header and the shard's
 size against the catalog, so a truncated or rewritten shard fails loudly, naming the shard and the sample.
 
 Work is split across ranks and DataLoader workers so that every reader gets exactly the same number of
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import mmap
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,18 +27,16 @@ import pyarrow.parquet as pq
 from webdataset.compat import FluidWrapper
 from webdataset.utils import pytorch_worker_info
 
-from shards.layout import BLOCK, MEMBERS
+from catalog.storage import Storage, dataset_ref, is_remote, storage, submit
+from shards.layout import BLOCK, IR_MEMBER, JSON_MEMBER, RGB_MEMBER
+from shards.remote import GAP, ShardCache, ShardRead, ShardReadError, fetch_reads
 from shards.verify import check_member_header
 
 __all__ = ["ShardReadError", "SelectionReader", "read_selection", "load_selection", "partition", "epoch_order"]
 
 _REQUIRED = ("key", "shard", "shard_bytes", "sample_offset", "sample_length", "ir_offset", "ir_size",
              "json_offset", "json_size", "rgb_offset", "rgb_size")
-_PREFIX = {member: member.split(".")[0] for member in MEMBERS}  # "ir.npy" -> "ir" (column prefix)
-
-
-class ShardReadError(IOError):
-    """A shard does not hold what the catalog says; the message names the shard and the sample."""
+_PREFIXES = ("ir", "json", "rgb")  # of the members' offset and size columns, in the members' order
 
 
 def _header_matches(header: bytes, name: bytes, size: int) -> bool:
@@ -58,7 +58,7 @@ def load_selection(selection: str | os.PathLike[str] | pa.Table, dataset: str | 
         if b"sagepairs.dataset" not in meta:
             raise ValueError("Selection does not say which dataset it came from; pass dataset=")
         dataset = meta[b"sagepairs.dataset"].decode()
-    return table, Path(dataset)
+    return table, dataset_ref(dataset)
 
 
 def partition(n: int, slot: int, slots: int, remainder: str = "pad") -> np.ndarray:
@@ -100,7 +100,7 @@ class SelectionReader:
     """Iterable over the samples of a Selection; picklable, so it works in DataLoader workers."""
 
     table: pa.Table
-    dataset: Path
+    dataset: Path | str  # a directory, or the URL of a published dataset
     rank: int | None = None
     world_size: int | None = None
     remainder: str = "pad"
@@ -108,6 +108,9 @@ class SelectionReader:
     seed: int = 0
     epoch: int = 0
     scan_fraction: float = 0.5  # read a shard whole when at least this fraction of its bytes is wanted
+    cache: ShardCache | None = None  # whole shards of a published dataset, kept on local disk
+    gap: int = GAP  # remote ranges closer than this are fetched as one
+    window_bytes: int = 64 << 20  # a remote epoch is fetched this much at a time, the next window while one is read
     # The table's columns as numpy, made once per process (a DataLoader worker converts them once, not per batch).
     _column_cache: dict[str, np.ndarray] | None = field(default=None, init=False, repr=False, compare=False)
 
@@ -138,6 +141,16 @@ class SelectionReader:
     def _columns(self) -> dict[str, np.ndarray]:
         if self._column_cache is None:
             self._column_cache = {c: self.table.column(c).to_numpy(zero_copy_only=False) for c in _REQUIRED}
+            # The IR member's name: a Selection made before 2026-12-05 has no ir_member; its samples hold ir.npy.
+            self._column_cache["ir_member"] = (
+                self.table.column("ir_member").fill_null(IR_MEMBER).to_numpy(zero_copy_only=False)
+                if "ir_member" in self.table.column_names else np.full(self.table.num_rows, IR_MEMBER, dtype=object)
+            )
+            # The shard's sha256 checks a whole-shard fetch (a Selection made before 2026-12-05 has none).
+            self._column_cache["shard_sha256"] = (
+                self.table.column("shard_sha256").fill_null("").to_numpy(zero_copy_only=False)
+                if "shard_sha256" in self.table.column_names else np.full(self.table.num_rows, "", dtype=object)
+            )
         return self._column_cache
 
     def iter_rows(self, rows: np.ndarray) -> Iterator[dict]:
@@ -145,19 +158,16 @@ class SelectionReader:
         if len(rows) == 0:
             return
         columns = self._columns()
-        shards_dir = self.dataset / "shards"
-        # Consecutive runs of rows in the same shard share one open file (and maybe one whole-shard read).
-        start = 0
-        while start < len(rows):
-            shard = columns["shard"][rows[start]]
-            end = start
-            while end < len(rows) and columns["shard"][rows[end]] == shard:
-                end += 1
-            yield from self._read_run(shards_dir / shard, rows[start:end], columns)
-            start = end
+        runs = _runs(rows, columns["shard"])
+        if is_remote(str(self.dataset)):
+            yield from self._iter_remote(runs, columns)
+            return
+        shards_dir = Path(self.dataset) / "shards"
+        for shard, run_rows in runs:
+            yield from self._read_local(shards_dir / shard, run_rows, columns)
 
-    def _read_run(self, path: Path, rows: np.ndarray, columns: dict[str, np.ndarray]) -> Iterator[dict]:
-        name = path.name
+    def _read_local(self, path: Path, rows: np.ndarray, columns: dict[str, np.ndarray]) -> Iterator[dict]:
+        """One run of rows from a shard on disk: one pread a sample, or one map of the shard when most is wanted."""
         expected_size = int(columns["shard_bytes"][rows[0]])
         try:
             fd = os.open(path, os.O_RDONLY)
@@ -171,33 +181,93 @@ class SelectionReader:
                     "run `shards verify`)"
                 )
             wanted = int(columns["sample_length"][rows].sum())
-            # Most of the shard wanted: map it once and slice, rather than one read per sample.
             whole = mmap.mmap(fd, 0, access=mmap.ACCESS_READ) if size and wanted >= self.scan_fraction * size else None
-            url = str(path)
-            for row in rows:
-                key = columns["key"][row]
-                offset, length = int(columns["sample_offset"][row]), int(columns["sample_length"][row])
-                span = whole[offset : offset + length] if whole is not None else os.pread(fd, length, offset)
-                if len(span) != length:
-                    raise ShardReadError(f"{name} {key}: wanted {length} bytes at {offset}, shard ends first")
-                view = memoryview(span)
-                sample = {"__key__": key, "__url__": url, "__local_path__": url}
-                for member, prefix in _PREFIX.items():
-                    data_at = int(columns[f"{prefix}_offset"][row]) - offset
-                    data_size = int(columns[f"{prefix}_size"][row])
-                    header = span[data_at - BLOCK : data_at]
-                    member_name = f"{key}.{member}"
-                    if not _header_matches(header, member_name.encode(), data_size):
-                        problem = check_member_header(header, member_name, data_size) or "tar header does not match"
-                        raise ShardReadError(f"{name} {key}: {problem}")
-                    if data_at + data_size > length:
-                        raise ShardReadError(f"{name} {key}: {member} runs past the sample's recorded length")
-                    sample[member] = view[data_at : data_at + data_size].tobytes()
-                yield sample
+            starts = columns["sample_offset"][rows].astype(np.int64)
+            ends = starts + columns["sample_length"][rows].astype(np.int64)
+            spans = ((whole[a:b] if whole is not None else os.pread(fd, b - a, a))
+                     for a, b in zip(starts.tolist(), ends.tolist()))
+            yield from _samples(str(path), path.name, rows, spans, columns)
             if whole is not None:
                 whole.close()
         finally:
             os.close(fd)
+
+    def _iter_remote(self, runs: list[tuple[str, np.ndarray]], columns: dict[str, np.ndarray]) -> Iterator[dict]:
+        """Runs of rows from a published dataset, a window of them fetched at once while the previous is yielded."""
+        store = storage(str(self.dataset))
+        windows = _windows(runs, columns, self.window_bytes)
+        pending = submit(self._fetch(store, windows[0], columns))
+        for i, window in enumerate(windows):
+            spans = pending.result()
+            if i + 1 < len(windows):
+                pending = submit(self._fetch(store, windows[i + 1], columns))
+            for (shard, rows), run_spans in zip(window, spans):
+                url = store.object_url(f"shards/{shard}")
+                yield from _samples(url, url, rows, run_spans, columns)
+
+    def _fetch(self, store: Storage, window: list[tuple[str, np.ndarray]], columns: dict[str, np.ndarray]):
+        reads = []
+        for shard, rows in window:
+            starts = columns["sample_offset"][rows].astype(np.int64)
+            reads.append(ShardRead(shard, int(columns["shard_bytes"][rows[0]]),
+                                   columns["shard_sha256"][rows[0]] or None,
+                                   starts, starts + columns["sample_length"][rows].astype(np.int64)))
+        return fetch_reads(store, reads, scan_fraction=self._remote_scan_fraction(columns), gap=self.gap,
+                           cache=self.cache)
+
+    def _remote_scan_fraction(self, columns: dict[str, np.ndarray]) -> float:
+        """With a cache that holds every shard of the Selection, each shard is fetched whole once and read from
+        disk after (the anchors' download-once, for multi-epoch runs); otherwise only what is wanted comes."""
+        if self.cache is None:
+            return self.scan_fraction
+        _, first = np.unique(columns["shard"], return_index=True)
+        return 0.0 if int(columns["shard_bytes"][first].sum()) <= self.cache.limit_bytes else self.scan_fraction
+
+
+def _runs(rows: np.ndarray, shards: np.ndarray) -> list[tuple[str, np.ndarray]]:
+    """Consecutive rows in the same shard, as (shard, rows): each run is one open file or one gathered fetch."""
+    if len(rows) == 0:
+        return []
+    names = shards[rows]
+    cuts = np.flatnonzero(names[1:] != names[:-1]) + 1
+    return [(str(names[a]), rows[a:b]) for a, b in zip([0, *cuts.tolist()], [*cuts.tolist(), len(rows)])]
+
+
+def _windows(runs: list[tuple[str, np.ndarray]], columns: dict[str, np.ndarray],
+             window_bytes: int) -> list[list[tuple[str, np.ndarray]]]:
+    """Runs grouped so that each group wants about ``window_bytes`` (a run is never split)."""
+    windows: list[list[tuple[str, np.ndarray]]] = [[]]
+    size = 0
+    for shard, rows in runs:
+        if windows[-1] and size >= window_bytes:
+            windows.append([])
+            size = 0
+        windows[-1].append((shard, rows))
+        size += int(columns["sample_length"][rows].sum())
+    return windows
+
+
+def _samples(url: str, name: str, rows: np.ndarray, spans: Iterable, columns: dict[str, np.ndarray]) -> Iterator[dict]:
+    """Sample dicts from each row's bytes, every member checked against its USTAR header before it is yielded."""
+    for row, span in zip(rows, spans):
+        key = columns["key"][row]
+        offset, length = int(columns["sample_offset"][row]), int(columns["sample_length"][row])
+        if len(span) != length:
+            raise ShardReadError(f"{name} {key}: wanted {length} bytes at {offset}, shard ends first")
+        view = memoryview(span)
+        sample = {"__key__": key, "__url__": url, "__local_path__": url}
+        for member, prefix in zip((columns["ir_member"][row], JSON_MEMBER, RGB_MEMBER), _PREFIXES):
+            data_at = int(columns[f"{prefix}_offset"][row]) - offset
+            data_size = int(columns[f"{prefix}_size"][row])
+            header = bytes(view[max(data_at - BLOCK, 0) : max(data_at, 0)])
+            member_name = f"{key}.{member}"
+            if not _header_matches(header, member_name.encode(), data_size):
+                problem = check_member_header(header, member_name, data_size) or "tar header does not match"
+                raise ShardReadError(f"{name} {key}: {problem}")
+            if data_at + data_size > length:
+                raise ShardReadError(f"{name} {key}: {member} runs past the sample's recorded length")
+            sample[member] = view[data_at : data_at + data_size].tobytes()
+        yield sample
 
 
 def read_selection(
@@ -211,14 +281,17 @@ def read_selection(
     seed: int = 0,
     epoch: int = 0,
     decode: str | None = None,
+    cache: ShardCache | None = None,
 ) -> FluidWrapper:
     """A webdataset pipeline over a Selection; ``decode`` (e.g. ``"rgb8"``) adds ``wds.decode(decode)``.
 
     It has webdataset's fluid interface, so it composes like ``wds.WebDataset``:
-    ``read_selection(sel).decode("rgb8").to_tuple("rgb.jpg", "ir.npy").batched(16)``.
+    ``read_selection(sel).decode("rgb8").to_tuple("rgb.jpg", "ir.npy.gz;ir.npy").batched(16)`` (samples of datasets
+    built before 2026-12-05 hold ``ir.npy``; webdataset takes the first of the ``;``-separated names a sample has).
     Rank and world size default to what webdataset detects (torch.distributed or RANK/WORLD_SIZE); DataLoader
     workers are detected inside each worker.
     """
     table, root = load_selection(selection, dataset)
-    pipeline = FluidWrapper(SelectionReader(table, root, rank, world_size, remainder, shuffle, seed, epoch))
+    pipeline = FluidWrapper(SelectionReader(table, root, rank, world_size, remainder, shuffle, seed, epoch,
+                                            cache=cache))
     return pipeline.decode(decode) if decode else pipeline

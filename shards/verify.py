@@ -1,7 +1,10 @@
 """`shards verify`: every committed shard re-hashed against the catalog, every member's place checked.
 
 A member is where the catalog says when the 512-byte USTAR header just before its data names
-``<key>.<field>`` and gives its size. Problems are reported per shard and per sample; nothing is repaired.
+``<key>.<field>`` and gives its size (the IR member's field is the sample's ``ir_member``: ``ir.npy.gz``, or
+``ir.npy`` where the row has none, as in datasets built before 2026-12-05). Problems are reported per shard and
+per sample; nothing is repaired. A published dataset (``s3://``, ``https://``) is checked the same way, each
+shard fetched whole.
 """
 
 from __future__ import annotations
@@ -9,15 +12,14 @@ from __future__ import annotations
 import hashlib
 import os
 import tarfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shards.layout import BLOCK, MEMBERS
+from catalog.storage import Storage, file_sha256, is_remote, storage
+from shards.layout import BLOCK, IR_MEMBER, IR_MEMBERS, sample_members
 
 __all__ = ["Problem", "VerifyReport", "verify_shards", "check_member_header"]
-
-_CHUNK = 8 * 1024 * 1024
-
 
 @dataclass(frozen=True)
 class Problem:
@@ -57,52 +59,79 @@ def check_member_header(header: bytes, expected_name: str, expected_size: int) -
     return None
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+@dataclass(frozen=True)
+class _ShardBytes:
+    """A shard's size, sha256 and a way to read a block of it: from disk, or fetched whole from a publication."""
+
+    size: int
+    sha256: str
+    read: Callable[[int, int], bytes]  # (offset, length) -> bytes
+    where: str  # "on disk", "in the publication": for messages
+
+
+def _local_shard(path: Path, fh) -> _ShardBytes:
+    return _ShardBytes(path.stat().st_size, file_sha256(path), lambda offset, n: os.pread(fh.fileno(), n, offset), "on disk")
+
+
+def _remote_shard(store: Storage, name: str) -> _ShardBytes | None:
+    key = f"shards/{name}"
+    if store.size(key) is None:
+        return None
+    data = store.read(key)
+    return _ShardBytes(len(data), hashlib.sha256(data).hexdigest(), lambda offset, n: data[offset : offset + n],
+                       "in the publication")
 
 
 def verify_shards(dataset: str | os.PathLike[str], shards: list[dict], samples: list[dict]) -> VerifyReport:
-    """Check ``shards`` (catalog rows: name, sha256, bytes, n_samples) and their ``samples`` rows."""
-    root = Path(dataset)
+    """Check ``shards`` (catalog rows: name, sha256, bytes, n_samples) and their ``samples`` rows (key, shard,
+    sample_offset, the members' offsets and sizes, ir_member). A published dataset's shards are fetched whole,
+    one at a time."""
     report = VerifyReport()
     by_shard: dict[str, list[dict]] = {}
     for row in samples:
         by_shard.setdefault(row["shard"], []).append(row)
-    listed = {row["name"] for row in shards}
-    shards_dir = root / "shards"
-    if shards_dir.is_dir():
+    remote = storage(str(dataset)) if is_remote(str(dataset)) else None
+    shards_dir = Path(dataset) / "shards"
+    if remote is None and shards_dir.is_dir():
+        listed = {row["name"] for row in shards}
         report.untracked = sorted(p.name for p in shards_dir.iterdir() if p.name.endswith(".tar") and p.name not in listed)
     for row in sorted(shards, key=lambda r: r["name"]):
-        name = row["name"]
-        path = shards_dir / name
         report.shards_checked += 1
-        if not path.is_file():
-            report.problems.append(Problem(name, None, "missing (listed in the catalog, not on disk)"))
+        if remote is not None:
+            _check_shard(report, row, by_shard.get(row["name"], []), _remote_shard(remote, row["name"]))
             continue
-        size = path.stat().st_size
-        if size != row["bytes"]:
-            report.problems.append(Problem(name, None, f"{size} bytes on disk, catalog says {row['bytes']}"))
-        digest = _sha256(path)
-        report.bytes_hashed += size
-        if digest != row["sha256"]:
-            report.problems.append(Problem(name, None, f"sha256 {digest[:16]}… does not match the catalog's {row['sha256'][:16]}…"))
-        rows = by_shard.get(name, [])
-        if len(rows) != row["n_samples"]:
-            report.problems.append(Problem(name, None, f"catalog lists {len(rows)} samples, shard record says {row['n_samples']}"))
+        path = shards_dir / row["name"]
+        if not path.is_file():
+            _check_shard(report, row, [], None)
+            continue
         with open(path, "rb") as fh:
-            for sample in sorted(rows, key=lambda r: r["sample_offset"]):
-                report.samples_checked += 1
-                for member in MEMBERS:
-                    prefix = member.split(".")[0]
-                    offset, length = sample[f"{prefix}_offset"], sample[f"{prefix}_size"]
-                    header = os.pread(fh.fileno(), BLOCK, offset - BLOCK) if offset >= BLOCK else b""
-                    problem = check_member_header(header, f"{sample['key']}.{member}", length)
-                    if problem is None and offset + length > size:
-                        problem = f"{member} ends at byte {offset + length}, past the end of the shard ({size})"
-                    if problem:
-                        report.problems.append(Problem(name, sample["key"], problem))
+            _check_shard(report, row, by_shard.get(row["name"], []), _local_shard(path, fh))
     return report
+
+
+def _check_shard(report: VerifyReport, row: dict, rows: list[dict], shard: _ShardBytes | None) -> None:
+    name = row["name"]
+    if shard is None:
+        report.problems.append(Problem(name, None, "missing (listed in the catalog, not there)"))
+        return
+    if shard.size != row["bytes"]:
+        report.problems.append(Problem(name, None, f"{shard.size} bytes {shard.where}, catalog says {row['bytes']}"))
+    report.bytes_hashed += shard.size
+    if shard.sha256 != row["sha256"]:
+        report.problems.append(Problem(name, None, f"sha256 {shard.sha256[:16]}… does not match the catalog's {row['sha256'][:16]}…"))
+    if len(rows) != row["n_samples"]:
+        report.problems.append(Problem(name, None, f"catalog lists {len(rows)} samples, shard record says {row['n_samples']}"))
+    for sample in sorted(rows, key=lambda r: r["sample_offset"]):
+        report.samples_checked += 1
+        ir_member = sample.get("ir_member") or IR_MEMBER
+        if ir_member not in IR_MEMBERS:
+            report.problems.append(Problem(name, sample["key"], f"ir_member {ir_member!r} is none of {IR_MEMBERS}"))
+            continue
+        for member, prefix in zip(sample_members(ir_member), ("ir", "json", "rgb")):
+            offset, length = sample[f"{prefix}_offset"], sample[f"{prefix}_size"]
+            header = shard.read(offset - BLOCK, BLOCK) if offset >= BLOCK else b""
+            problem = check_member_header(header, f"{sample['key']}.{member}", length)
+            if problem is None and offset + length > shard.size:
+                problem = f"{member} ends at byte {offset + length}, past the end of the shard ({shard.size})"
+            if problem:
+                report.problems.append(Problem(name, sample["key"], problem))

@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from shards.layout import BLOCK, KEY_RE, MEMBERS, member_span
+from shards.layout import BLOCK, IR_MEMBERS, KEY_RE, member_span, sample_members
 
 __all__ = [
     "MemberLocation", "ShardRecord", "sample_bytes", "ShardCuts", "assemble_shard",
@@ -52,8 +52,10 @@ def sample_bytes(key: str, members: dict[str, bytes], mtime: int) -> tuple[bytes
     data starts relative to the first byte: what ``tarfile.addfile`` writes, without its 16 KiB copy loop."""
     if not KEY_RE.match(key):
         raise ValueError(f"invalid sample key {key!r}")
-    if tuple(members) != MEMBERS:
-        raise ValueError(f"sample {key}: members must be exactly {MEMBERS} in that order, got {tuple(members)}")
+    names = tuple(members)
+    if not names or names[0] not in IR_MEMBERS or names != sample_members(names[0]):
+        raise ValueError(f"sample {key}: members must be exactly {sample_members()} in that order (or the older "
+                         f"{sample_members(IR_MEMBERS[0])}), got {names}")
     parts: list[bytes] = []
     locations = {}
     position = 0

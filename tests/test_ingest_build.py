@@ -7,6 +7,7 @@ import json
 import shutil
 import subprocess
 import tarfile
+import zlib
 from collections import Counter
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from catalog.schema import REJECT_REASONS
 from ingest.build import build_shards, scan_raw
 from ingest.config import IngestConfig
 from ingest.synth import FAULTS
-from shards.layout import KEY_RE, MEMBERS
+from shards.layout import IR_GZ_MEMBER, KEY_RE, MEMBERS
 from tests.conftest import INGEST
 from tests.test_thermal import reference_parse
 
@@ -100,13 +101,14 @@ def test_stock_webdataset_and_tar_read_the_shards(built, synth_raw):
         member = tar.getmembers()[0]
         assert tar.format == tarfile.USTAR_FORMAT or member.uid == 0
         assert (member.uid, member.gid, member.mode) == (0, 0, 0o444)
+    assert MEMBERS[0] == IR_GZ_MEMBER == "ir.npy.gz"
     seen = 0
     for sample in wds.WebDataset(urls, shardshuffle=False).decode("rgb8"):
         assert KEY_RE.match(sample["__key__"])
         meta = sample["json"]
-        ir = sample["ir.npy"]
+        ir = sample["ir.npy.gz"]  # webdataset's default pre-handler gunzips, then its .npy handler loads
         assert ir.dtype == np.float32 and ir.shape == (252, 336)
-        np.testing.assert_array_equal(ir, reference_parse((synth_raw / meta["thermal_file"]).read_bytes()))
+        assert np.array_equal(ir, reference_parse((synth_raw / meta["thermal_file"]).read_bytes()), equal_nan=True)
         assert sample["rgb.jpg"].shape == (504, 672, 3)
         assert meta["key"] == sample["__key__"] and meta["crop_box_px"][0] > 0
         seen += 1
@@ -114,11 +116,15 @@ def test_stock_webdataset_and_tar_read_the_shards(built, synth_raw):
 
 
 def test_catalog_offsets_point_at_members(built):
-    rows = q(built, "SELECT key, shard, ir_offset, ir_size, rgb_offset, rgb_size FROM samples ORDER BY shard, ir_offset")
+    rows = q(built, "SELECT key, shard, ir_member, ir_offset, ir_size, rgb_offset, rgb_size FROM samples "
+                    "ORDER BY shard, ir_offset")
+    assert {row["ir_member"] for row in rows} == {"ir.npy.gz"}
     for row in rows[:20]:
         data = (built / "shards" / row["shard"]).read_bytes()
         ir = data[row["ir_offset"] : row["ir_offset"] + row["ir_size"]]
-        assert ir.startswith(b"\x93NUMPY")
+        # gzip, no file name, mtime 0 (rebuilds give the same bytes), holding the .npy
+        assert ir[:8] == b"\x1f\x8b\x08\x00\x00\x00\x00\x00"
+        assert zlib.decompress(ir, 31).startswith(b"\x93NUMPY")
         assert data[row["rgb_offset"] : row["rgb_offset"] + 2] == b"\xff\xd8"
         assert data[row["rgb_offset"] + row["rgb_size"] - 2 : row["rgb_offset"] + row["rgb_size"]] == b"\xff\xd9"
 

@@ -93,7 +93,7 @@ def test_selection_reads_equal_a_filtered_stock_scan(built, tmp_path):
     assert [s["__key__"] for s in mine] == sorted(stock, key=lambda k: [s["__key__"] for s in mine].index(k))
     assert {s["__key__"] for s in mine} == keys
     for sample in mine:
-        for field in ("ir.npy", "json", "rgb.jpg", "__key__"):
+        for field in ("ir.npy.gz", "json", "rgb.jpg", "__key__"):
             assert sample[field] == stock[sample["__key__"]][field]
         assert set(sample) == set(stock[sample["__key__"]])
 
@@ -105,7 +105,7 @@ def test_full_selection_and_decode(built):
     decoded = list(read_selection(selection, decode="rgb8"))
     assert len(decoded) == len(stock)
     first = decoded[0]
-    assert first["rgb.jpg"].shape == (504, 672, 3) and first["ir.npy"].dtype == np.float32
+    assert first["rgb.jpg"].shape == (504, 672, 3) and first["ir.npy.gz"].dtype == np.float32
 
 
 def test_ranks_and_dataloader_workers_get_equal_counts(built):
@@ -146,7 +146,8 @@ def test_writer_bytes_equal_tarfile_and_roll_over(tmp_path):
 
     from shards.writer import ShardCuts, assemble_shard, sample_bytes
 
-    samples = [(f"W056_{i}", {"ir.npy": bytes([i]) * (1000 + i), "json": b"{}", "rgb.jpg": bytes(513 + i)}) for i in range(5)]
+    samples = [(f"W056_{i}", {"ir.npy.gz" if i % 2 else "ir.npy": bytes([i]) * (1000 + i), "json": b"{}",
+                              "rgb.jpg": bytes(513 + i)}) for i in range(5)]
     segments = [tmp_path / "a.seg", tmp_path / "b.seg"]
     cuts = ShardCuts(target_bytes=6000)
     shards: list[list] = []  # per shard: (key, mtime, members, range in a segment, offset in the shard)

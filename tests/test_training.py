@@ -375,7 +375,7 @@ def test_ir3_bands_and_patch_fitting(built):
 
 def test_read_selection_composes_like_webdataset(built):
     table = catalog.open(built).select("is_sky")
-    pipeline = read_selection(table).decode("rgb8").to_tuple("__key__", "rgb.jpg", "ir.npy").batched(3)
+    pipeline = read_selection(table).decode("rgb8").to_tuple("__key__", "rgb.jpg", "ir.npy.gz;ir.npy").batched(3)
     first = next(iter(pipeline))
     keys, rgb, ir = first
     assert len(keys) == 3 and rgb.shape[0] == 3 and ir.shape[0] == 3

@@ -43,12 +43,14 @@ def _f(default: Any, help: str, **kwargs: Any) -> Any:  # noqa: A002 - reads as 
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str = _f("", "DATASET directory (made by `ingest build-shards`); required")
+    dataset: str = _f("", "DATASET directory (made by `ingest build-shards`), or a published one: s3://bucket/prefix, https://host/prefix; required")
     where: str = _f("split = 'train'", "SQL predicate over the catalog's `samples` view choosing what to train on")
     ir_size: tuple[int, int] = _f((120, 160), "[H, W] fed to the IR branch (the sensor's 4:3); RGB gets rgb_scale x that")
     rgb_scale: int = _f(2, "RGB input = rgb_scale x ir_size (2: patch-16 RGB and patch-8 IR see the same token grid)")
     fit: str = _f("error", "a size the patch does not tile: 'error', 'crop' (centre, to the multiple below) or 'pad' (zeros, to the multiple above)")
     workers: int = _f(2, "DataLoader worker processes per rank (0: load in the training process)")
+    cache: str = _f("", "a published dataset only: local directory keeping whole shards by sha256 (empty: none; ranks on a node may share it)")
+    cache_limit: str = _f("20GB", "most data.cache may hold (e.g. '500GB'); least recently used shards go first")
     prefetch: int = _f(4, "batches each worker prepares ahead")
     decode: str = _f("cpu", "'cpu': workers decode at the smallest DCT scale that covers the crop; 'gpu': nvJPEG decodes batches on the GPU")
     crop_scale: tuple[float, float] = _f((0.35, 1.0), "random resized crop: range of the box's area as a fraction of the image")

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import io
+import multiprocessing
+import multiprocessing.context
 import queue
 import signal
 import threading
@@ -21,13 +22,18 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from catalog.storage import is_remote
+from shards.cache import ShardCache, check_limit, parse_size
+from shards.layout import ir_celsius
 from shards.reader import SelectionReader, epoch_order
 from training.config import DataConfig
 from training.transforms import (
@@ -46,7 +52,7 @@ from training.transforms import (
     tiled_size,
 )
 
-__all__ = ["StepPlan", "PairBatches", "RowBatches", "EVAL_AUGMENT", "build_batch", "DevicePrefetcher", "BatchViews", "make_loader", "selection_fingerprint"]
+__all__ = ["StepPlan", "PairBatches", "RowBatches", "EVAL_AUGMENT", "build_batch", "DevicePrefetcher", "BatchViews", "make_loader", "selection_fingerprint", "shard_cache"]
 
 
 def selection_fingerprint(table: pa.Table) -> str:
@@ -184,7 +190,7 @@ def build_batch(reader: SelectionReader, rows: np.ndarray, data: DataConfig, mod
         else:
             jpegs.append(sample["rgb.jpg"])
         if need_ir:
-            celsius = np.load(io.BytesIO(sample["ir.npy"]), allow_pickle=False)
+            celsius = ir_celsius(sample)
             ir[i] = crop_ir(celsius, aug.box, ir_hw, aug.flip, ir_fill_c, aug.ir_gain, aug.ir_offset_c,
                             ir_noise_c, aug.noise_seed)
     batch = {
@@ -226,7 +232,32 @@ def _worker_ignores_stop_signals(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def make_loader(batches: PairBatches, workers: int, prefetch: int, pin_memory: bool) -> DataLoader:
+# Whole shards one reader may hold at once: the window it reads and the one it prefetches.
+SHARDS_IN_FLIGHT = 2
+
+
+def shard_cache(data: DataConfig, selection: pa.Table, readers: int) -> ShardCache | None:
+    """The cache of whole shards ``data.cache`` names (None for a local dataset or no cache); raises ValueError
+    in one line when ``data.cache_limit`` cannot hold what ``readers`` processes may have in flight."""
+    if not data.cache or not is_remote(data.dataset):
+        return None
+    limit = parse_size(data.cache_limit)
+    largest = pc.max(selection.column("shard_bytes")).as_py() or 0
+    check_limit(limit, largest, readers, SHARDS_IN_FLIGHT)
+    return ShardCache(Path(data.cache), limit)
+
+
+def worker_context(dataset: object) -> multiprocessing.context.BaseContext | None:
+    """How DataLoader workers start: forked, except for a published dataset, whose object-store client cannot
+    work in a process forked from one that used it; those start from a fork server that never has."""
+    if not is_remote(str(dataset)):
+        return None
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["training.loader"])
+    return context
+
+
+def make_loader(batches: PairBatches | RowBatches, workers: int, prefetch: int, pin_memory: bool) -> DataLoader:
     return DataLoader(
         batches,
         batch_size=None,  # the dataset yields whole batches
@@ -237,6 +268,7 @@ def make_loader(batches: PairBatches, workers: int, prefetch: int, pin_memory: b
         # whole run and there is no epoch boundary at which they restart.
         persistent_workers=False,
         worker_init_fn=_worker_ignores_stop_signals if workers else None,
+        multiprocessing_context=worker_context(batches.reader.dataset) if workers else None,
     )
 
 

@@ -57,6 +57,7 @@ from training.loader import (
     PairBatches,
     StepPlan,
     make_loader,
+    shard_cache,
     selection_fingerprint,
 )
 from training.model import ModelError, check_arch, embedding_std, initial_model, model_spec, vicreg_loss
@@ -165,7 +166,7 @@ def preflight(config: TrainingConfig, world_size: int, new_schedule: bool = Fals
     d = config.data
     if not d.dataset:
         raise TrainingError("data.dataset is not set (--set data.dataset=DATASET)")
-    if not Path(d.dataset).is_dir():
+    if not catalog.dataset_exists(d.dataset):
         raise TrainingError(f"data.dataset: {d.dataset} does not exist")
     try:
         cat = catalog.open(d.dataset)
@@ -190,6 +191,10 @@ def preflight(config: TrainingConfig, world_size: int, new_schedule: bool = Fals
     except ModelError as exc:
         raise TrainingError(str(exc)) from None
     _check_sizes(config)
+    try:
+        shard_cache(config.data, selection, max(config.data.workers, 1))
+    except ValueError as exc:
+        raise TrainingError(f"data.cache_limit: {exc}") from None
 
     paths = RunPaths(Path(config.run.dir))
     resume_from, start_step, checkpoint = None, 0, None
@@ -437,7 +442,8 @@ class Trainer:
 
     def _open_loader(self, start: int, stop_at: int):
         c = self.config
-        reader = SelectionReader(self.plan.selection, Path(c.data.dataset))
+        cache = shard_cache(c.data, self.plan.selection, max(c.data.workers, 1) * self.dist.local_size)
+        reader = SelectionReader(self.plan.selection, catalog.dataset_ref(c.data.dataset), cache=cache)
         batches = PairBatches(reader, self.steps, self.dist.rank, c.data, c.model.mode, start, stop_at, c.data.ir_mean)
         self.stop.install()  # before the workers fork, so they inherit it and are not killed mid-batch
         return make_loader(batches, c.data.workers, c.data.prefetch, pin_memory=self.dist.device.type == "cuda")
