@@ -19,7 +19,9 @@ in DataLoader workers start them with ``forkserver``.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import configparser
+import gc
 import hashlib
 import os
 import re
@@ -360,17 +362,35 @@ def forget_clients() -> None:
 
 # -- one event loop per process for gathered requests --------------------------------------------------------------
 _LOOP: asyncio.AbstractEventLoop | None = None
+_LOOP_THREAD: threading.Thread | None = None
 _LOOP_LOCK = threading.Lock()
 
 
 def _loop() -> asyncio.AbstractEventLoop:
-    global _LOOP
+    global _LOOP, _LOOP_THREAD
     with _LOOP_LOCK:
         if _LOOP is None:
             loop = asyncio.new_event_loop()
-            threading.Thread(target=loop.run_forever, name="sagepairs-storage", daemon=True).start()
+            _LOOP_THREAD = threading.Thread(target=loop.run_forever, name="sagepairs-storage", daemon=True)
+            _LOOP_THREAD.start()
             _LOOP = loop
         return _LOOP
+
+
+def _close_at_exit() -> None:
+    """Stop the loop and drop the clients before the interpreter goes: a client's runtime still delivering to
+    Python while it finalizes aborts the process (1 exit in 40 did, after the work was done)."""
+    global _LOOP, _LOOP_THREAD
+    loop, thread = _LOOP, _LOOP_THREAD
+    if loop is not None and thread is not None and thread.is_alive():
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=5)
+    _LOOP, _LOOP_THREAD = None, None
+    _STORES.clear()
+    gc.collect()
+
+
+atexit.register(_close_at_exit)
 
 
 def submit(coroutine: Coroutine[Any, Any, Any]) -> Future:
@@ -386,10 +406,10 @@ def run(coroutine: Coroutine[Any, Any, Any]) -> Any:
 def _forget_after_fork() -> None:
     """A forked child starts with no clients and no loop: the parent's do not work there. Nor does a new client
     once the parent has used one (obstore's runtime hangs), so the child refuses in one line instead."""
-    global _LOOP, _STORES_LOCK, _LOOP_LOCK, _FORKED_AFTER_USE
+    global _LOOP, _LOOP_THREAD, _STORES_LOCK, _LOOP_LOCK, _FORKED_AFTER_USE
     _FORKED_AFTER_USE = _USED
     _STORES.clear()
-    _LOOP = None
+    _LOOP, _LOOP_THREAD = None, None
     _STORES_LOCK = threading.Lock()
     _LOOP_LOCK = threading.Lock()
 

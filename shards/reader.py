@@ -18,6 +18,7 @@ from __future__ import annotations
 import mmap
 import os
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,7 +37,8 @@ __all__ = ["ShardReadError", "SelectionReader", "read_selection", "load_selectio
 
 _REQUIRED = ("key", "shard", "shard_bytes", "sample_offset", "sample_length", "ir_offset", "ir_size",
              "json_offset", "json_size", "rgb_offset", "rgb_size")
-_PREFIXES = ("ir", "json", "rgb")  # of the members' offset and size columns, in the members' order
+_PREFIXES = ("ir", "json", "rgb")
+_AHEAD_AT_MOST = 4  # fetches prefetch() keeps waiting for their iter_rows  # of the members' offset and size columns, in the members' order
 
 
 def _header_matches(header: bytes, name: bytes, size: int) -> bool:
@@ -113,6 +115,8 @@ class SelectionReader:
     window_bytes: int = 64 << 20  # a remote epoch is fetched this much at a time, the next window while one is read
     # The table's columns as numpy, made once per process (a DataLoader worker converts them once, not per batch).
     _column_cache: dict[str, np.ndarray] | None = field(default=None, init=False, repr=False, compare=False)
+    # Fetches started by prefetch(rows), by the rows' bytes, for iter_rows(rows) to take (a published dataset).
+    _ahead: dict[bytes, Future] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def order(self) -> np.ndarray:
         """The global sample order: a function of (seed, epoch, selection) only."""
@@ -153,6 +157,15 @@ class SelectionReader:
             )
         return self._column_cache
 
+    def prefetch(self, rows: np.ndarray) -> None:
+        """Start fetching these rows of a published dataset now, so that a later ``iter_rows(rows)`` (the next
+        batch) finds them on the way while this one is decoded; nothing to do for a local dataset."""
+        if not is_remote(str(self.dataset)) or len(rows) == 0 or len(self._ahead) >= _AHEAD_AT_MOST:
+            return
+        columns = self._columns()
+        first = _windows(_runs(rows, columns["shard"]), columns, self.window_bytes)[0]
+        self._ahead[rows.tobytes()] = submit(self._fetch(storage(str(self.dataset)), first, columns))
+
     def iter_rows(self, rows: np.ndarray) -> Iterator[dict]:
         """The samples at these row indices of the Selection, in exactly this order (a training batch, say)."""
         if len(rows) == 0:
@@ -160,7 +173,7 @@ class SelectionReader:
         columns = self._columns()
         runs = _runs(rows, columns["shard"])
         if is_remote(str(self.dataset)):
-            yield from self._iter_remote(runs, columns)
+            yield from self._iter_remote(runs, columns, self._ahead.pop(rows.tobytes(), None))
             return
         shards_dir = Path(self.dataset) / "shards"
         for shard, run_rows in runs:
@@ -192,11 +205,13 @@ class SelectionReader:
         finally:
             os.close(fd)
 
-    def _iter_remote(self, runs: list[tuple[str, np.ndarray]], columns: dict[str, np.ndarray]) -> Iterator[dict]:
-        """Runs of rows from a published dataset, a window of them fetched at once while the previous is yielded."""
+    def _iter_remote(self, runs: list[tuple[str, np.ndarray]], columns: dict[str, np.ndarray],
+                     started: Future | None) -> Iterator[dict]:
+        """Runs of rows from a published dataset, a window of them fetched at once while the previous is yielded
+        (the first window's fetch may have been ``started`` by prefetch)."""
         store = storage(str(self.dataset))
         windows = _windows(runs, columns, self.window_bytes)
-        pending = submit(self._fetch(store, windows[0], columns))
+        pending = started if started is not None else submit(self._fetch(store, windows[0], columns))
         for i, window in enumerate(windows):
             spans = pending.result()
             if i + 1 < len(windows):

@@ -658,8 +658,9 @@ class FaultProxy:
 
     Each client connection gets its own upstream connection (both kept alive); request and response bodies
     (Content-Length, chunked or until close; ``Expect: 100-continue`` honoured) are streamed through, the Host header
-    is left alone (S3 signatures stay valid). ``latency_s`` (slept before each request is forwarded or answered) and
-    ``faults`` (a list of rules) may be changed while it runs.
+    is left alone (S3 signatures stay valid). ``latency_s`` (slept before each request is forwarded or answered),
+    ``bandwidth_bps`` (bits a second to all clients together: a network link, where loopback has none) and ``faults``
+    (a list of rules) may be changed while it runs.
 
     Attributes: ``url``/``endpoint``, ``port``, ``latency_s``, ``faults``; counters ``requests``, ``connections``,
     ``bytes_up`` (client to upstream), ``bytes_down`` (to the client), ``faults_injected`` (total),
@@ -671,6 +672,7 @@ class FaultProxy:
         upstream,
         *,
         latency_s: float = 0.0,
+        bandwidth_bps: float | None = None,
         faults: list[Fault] | tuple[Fault, ...] = (),
         fail_every: int | None = None,
         drop_every: int | None = None,
@@ -683,6 +685,8 @@ class FaultProxy:
             raise ValueError(f"FaultProxy forwards plain http only, not {url!r}")
         self.upstream = (parts.hostname, parts.port or 80)
         self.latency_s = latency_s
+        self.bandwidth_bps = bandwidth_bps
+        self._free_at = 0.0  # when the capped link to the clients is next free (loop time)
         self.faults = list(faults)
         if fail_every:
             self.faults.append(Fault("slowdown", every=fail_every))
@@ -783,6 +787,15 @@ class FaultProxy:
     def _count_down(self, n: int) -> None:
         self.bytes_down += n
 
+    async def _pace_down(self, n: int) -> None:
+        """With ``bandwidth_bps``, hold each write until the shared link to the clients has carried it."""
+        if not self.bandwidth_bps:
+            return
+        now = asyncio.get_running_loop().time()
+        self._free_at = max(now, self._free_at) + n * 8 / self.bandwidth_bps
+        if self._free_at > now:
+            await asyncio.sleep(self._free_at - now)
+
     def _pick(self, method: str, target: str) -> Fault | None:
         for rule in list(self.faults):
             if rule.fires(method, target):
@@ -858,12 +871,13 @@ class FaultProxy:
                     cwriter.write(rhead)
                     length = framing[1] if framing[0] == "length" else None
                     budget = fault.drop_after if fault.drop_after is not None else length // 2 if length else 1024
-                    await _pipe_body(ureader, cwriter, framing, budget=budget, count=self._count_down)
+                    await _pipe_body(ureader, cwriter, framing, budget=budget, count=self._count_down,
+                                     pace=self._pace_down)
                     await cwriter.drain()
                     return  # the finally closes both connections mid-response
                 self._count_down(len(rhead))
                 cwriter.write(rhead)
-                await _pipe_body(ureader, cwriter, framing, count=self._count_down)
+                await _pipe_body(ureader, cwriter, framing, count=self._count_down, pace=self._pace_down)
                 await cwriter.drain()
                 if close:
                     return
@@ -934,10 +948,11 @@ def _response_framing(method: str, status: int, headers: dict[str, str]) -> tupl
     return ("eof",)
 
 
-async def _pipe_body(reader, writer, framing: tuple, budget: int | None = None, count=None) -> int:
+async def _pipe_body(reader, writer, framing: tuple, budget: int | None = None, count=None, pace=None) -> int:
     """Copy one message body (``writer`` None: discard it); stop after ``budget`` bytes. Returns bytes copied.
 
-    ``count(n)`` is called before each write (counters never lag behind what a client has seen).
+    ``count(n)`` is called before each write (counters never lag behind what a client has seen); ``await pace(n)``
+    after it (a bandwidth cap).
     """
     sent = 0
 
@@ -951,6 +966,8 @@ async def _pipe_body(reader, writer, framing: tuple, budget: int | None = None, 
             writer.write(data)
             if writer.transport.get_write_buffer_size() > _CHUNK:
                 await writer.drain()
+            if pace is not None:
+                await pace(len(data))
         sent += len(data)
         return budget is not None and sent >= budget
 

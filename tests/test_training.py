@@ -277,6 +277,35 @@ def test_batches_do_not_depend_on_the_number_of_workers(built):
     assert serial[0]["ir"].shape == (4, 32, 48) and torch.isfinite(serial[0]["ir"]).all()
 
 
+LOADER_THEN_ERROR = """
+import sys
+import catalog, torch
+from shards.reader import SelectionReader
+from training.config import DataConfig
+from training.loader import DevicePrefetcher, PairBatches, StepPlan, make_loader
+dataset = sys.argv[1]
+table = catalog.open(dataset).select("TRUE")
+data = DataConfig(dataset=dataset, ir_size=(32, 48), workers=2)
+batches = PairBatches(SelectionReader(table, dataset), StepPlan(table.num_rows, 4, 1, seed=5, epochs=50), 0, data,
+                      "rgb-ir", 0, 100, ir_fill_c=5.0)
+prefetch = DevicePrefetcher(make_loader(batches, 2, 2, pin_memory=False), lambda b: (b["rgb"], b["ir"]),
+                        torch.device("cpu"))
+try:
+    next(prefetch)
+    raise RuntimeError("a read failed mid-run")
+finally:
+    prefetch.close()
+"""
+
+
+def test_an_error_with_loader_workers_alive_still_exits(built):
+    # Workers ignore SIGTERM (so a batch system's signal does not kill them mid-batch); multiprocessing's exit
+    # handler would then wait for them for ever unless closing the prefetcher stops them.
+    out = subprocess.run([sys.executable, "-c", LOADER_THEN_ERROR, str(built)], capture_output=True, text=True,
+                         timeout=120, cwd=ROOT)
+    assert out.returncode == 1 and "a read failed mid-run" in out.stderr, out.stderr[-2000:]
+
+
 def test_gpu_decode_path_matches_the_cpu_path(built):
     # data.decode = "gpu" runs torchvision's decode_jpeg + roi_align; on a CPU-only machine it runs on the CPU.
     cpu, data = _batches(built, workers=0, steps=1)

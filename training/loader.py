@@ -121,7 +121,10 @@ class PairBatches(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        for step in range(self.start_step + worker, self.stop_step, workers):
+        steps = range(self.start_step + worker, self.stop_step, workers)
+        for i, step in enumerate(steps):
+            if i + 1 < len(steps):  # a published dataset's next batch comes while this one is decoded
+                self.reader.prefetch(self.plan.rows(steps[i + 1], self.rank))
             yield self.batch(step)
 
     def batch(self, step: int) -> dict:
@@ -156,7 +159,10 @@ class RowBatches(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        for tag, rows in self.batches[worker::workers]:
+        mine = self.batches[worker::workers]
+        for i, (tag, rows) in enumerate(mine):
+            if i + 1 < len(mine):  # a published dataset's next batch comes while this one is decoded
+                self.reader.prefetch(mine[i + 1][1])
             batch = build_batch(self.reader, rows, self.data, self.mode, self.ir_fill_c, lambda key: EVAL_AUGMENT, 0.0)
             batch["tag"] = tag
             yield batch
@@ -433,16 +439,22 @@ class DevicePrefetcher:
         return batch, prepared
 
     def close(self, timeout_s: float = 30.0) -> None:
-        """Stop the thread (it may be blocked on a full queue or on the loader); idempotent."""
-        if self.closed or not self.threaded:
-            self.closed = True
+        """Stop the thread (it may be blocked on a full queue or on the loader), then the loader's workers;
+        idempotent."""
+        if self.closed:
             return
         self.closed = True
-        self.stop.set()
-        deadline = time.monotonic() + timeout_s  # a loader that never yields again must not hang the exit
-        while self.thread.is_alive() and time.monotonic() < deadline:
-            try:
-                self.queue.get(timeout=0.1)
-            except queue.Empty:
-                pass
-            self.thread.join(timeout=0.1)
+        if self.threaded:
+            self.stop.set()
+            deadline = time.monotonic() + timeout_s  # a loader that never yields again must not hang the exit
+            while self.thread.is_alive() and time.monotonic() < deadline:
+                try:
+                    self.queue.get(timeout=0.1)
+                except queue.Empty:
+                    pass
+                self.thread.join(timeout=0.1)
+        # Workers ignore SIGTERM (see make_loader): multiprocessing's exit handler would wait for them for ever
+        # after an exception, so they are told to stop here.
+        shutdown = getattr(self.batches, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()

@@ -427,13 +427,12 @@ class Trainer:
             return 0
         loader = self._open_loader(start, stop_at)
         self._announce(start)
-        iterator = iter(loader)
-        prefetch = DevicePrefetcher(iterator, self.views, self.dist.device)
+        prefetch = DevicePrefetcher(iter(loader), self.views, self.dist.device)
         bar = self._progress_bar(start, stop_at)
         try:
             code = self._loop(prefetch, start, stop_at, bar)
         finally:
-            self._close_loader(prefetch, iterator, bar)
+            self._close_loader(prefetch, bar)
         return self._finish() if code is None else code
 
     def _stop_at(self) -> int:
@@ -462,14 +461,10 @@ class Trainer:
             return None
         return tqdm(total=stop_at, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr)
 
-    def _close_loader(self, prefetch, iterator, bar) -> None:  # noqa: ANN001
+    def _close_loader(self, prefetch, bar) -> None:  # noqa: ANN001
         if bar is not None:
             bar.close()
-        prefetch.close()
-        # Workers ignore SIGTERM (see make_loader), so they must be told to stop, not left to exit handlers.
-        shutdown = getattr(iterator, "_shutdown_workers", None)
-        if shutdown is not None:
-            shutdown()
+        prefetch.close()  # and the loader's workers, which ignore SIGTERM (see make_loader)
         self.stop.restore()
 
     def _loop(self, prefetch, start: int, stop_at: int, bar) -> int | None:  # noqa: ANN001
