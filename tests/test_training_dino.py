@@ -7,15 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from training.config import load_training_config
 from training.dino import cosine_schedule
-from training.train import TrainingError, preflight
 
-from tests.test_training import MPIEXEC, ROOT, TINY, _wait_for_rows, keys_by_step, metrics, run_cli
+from tests.test_training import ROOT, TINY, _wait_for_rows, keys_by_step, metrics, run_cli
 
 DINO_TINY = TINY + """
 [dino]
@@ -57,3 +55,152 @@ def test_a_dino_run_from_the_cli_logs_metrics_and_writes_weights_only_checkpoint
     assert [r["momentum"] for r in rows] == pytest.approx(momentum[:3].tolist(), rel=1e-12)
     lr = cosine_schedule(5e-4 * 8 / 256, 1e-6, 3, steps, warmup_epochs=1)
     assert [r["lr"] for r in rows] == pytest.approx(lr[:3].tolist(), rel=1e-12)
+
+
+# -- teacher, EMA and the last layer, in process ----------------------------------------------------------------
+
+def _tiny_model(*sets: str):
+    from training.dino_step import DINOSchedules, build_dino_optimizer
+    from training.model import initial_model
+
+    config = load_training_config(None, [DINO, "model.rgb_arch=vit_tiny_patch16_224", "model.ir_arch=vit_tiny_patch16_224",
+                                         "model.depth=1", "data.ir_size=[32, 48]", "dino.out_dim=64",
+                                         "dino.hidden_dim=32", "dino.bottleneck_dim=16", "dino.local_crops_number=2",
+                                         "train.epochs=3", "optim.warmup_epochs=1", *sets])
+    model = initial_model(config)
+    return config, model, build_dino_optimizer(model, config.optim), DINOSchedules.of(config, 8, 4)
+
+
+def _crops(batch: int = 4) -> dict[str, list[torch.Tensor]]:
+    generator = torch.Generator().manual_seed(1)
+    return {"rgb": [torch.randn(2 * batch, 3, 64, 96, generator=generator),
+                    torch.randn(2 * batch, 3, 32, 48, generator=generator)],
+            "ir": [torch.randn(2 * batch, 1, 32, 48, generator=generator),
+                   torch.randn(2 * batch, 1, 16, 24, generator=generator)]}
+
+
+def test_teacher_starts_as_the_student_has_no_gradient_and_is_not_optimised():
+    _, model, optimizer, _ = _tiny_model()
+    for modality in ("rgb", "ir"):
+        student, teacher = model.students[modality].state_dict(), model.teachers[modality].state_dict()
+        assert student.keys() == teacher.keys() and all(torch.equal(student[k], teacher[k]) for k in student)
+        assert not any(p.requires_grad for p in model.teachers[modality].parameters())
+    optimised = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert not optimised & {id(p) for p in model.teachers.parameters()}
+    assert optimised == {id(p) for p in model.students.parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("epoch", [0, 1])
+def test_a_step_updates_the_teacher_by_exact_ema_and_freezes_the_last_layer_in_epoch_0(epoch):
+    from training.dino_step import dino_step
+
+    config, model, optimizer, schedules = _tiny_model()
+    step = epoch * 4 + 1
+    teacher_before = {k: v.clone() for k, v in model.teachers.state_dict().items()}
+    student_before = {k: v.clone() for k, v in model.students.state_dict().items()}
+    result = dino_step(model, model.students, optimizer, _crops(), list(config.dino.directions), step, epoch,
+                       schedules, config.dino)
+    assert torch.isfinite(result.loss)
+    m = float(schedules.momentum[step])
+    student_after = model.students.state_dict()
+    for name, param in model.teachers.named_parameters():
+        expected = teacher_before[name].clone().mul_(m).add_((1 - m) * student_after[name])
+        assert torch.equal(param, expected), name
+    last = [k for k in student_after if "last_layer" in k and k.endswith("original1")]
+    assert last and all(torch.equal(student_after[k], student_before[k]) == (epoch == 0) for k in last)
+    assert not torch.equal(student_after["rgb.backbone.cls_token"], student_before["rgb.backbone.cls_token"])
+    assert optimizer.param_groups[0]["weight_decay"] == schedules.weight_decay[step]
+    assert optimizer.param_groups[1]["weight_decay"] == 0.0
+
+
+def test_alternate_takes_one_direction_per_step_in_turn():
+    from training.dino_step import active_directions
+
+    config = load_training_config(None, [DINO, "dino.alternate=true"])
+    assert [active_directions(config.dino, s) for s in range(3)] == [["rgb>ir"], ["ir>rgb"], ["rgb>ir"]]
+    config = load_training_config(None, [DINO])
+    assert active_directions(config.dino, 5) == ["rgb>ir", "ir>rgb"]
+
+
+# -- bad input ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    ("sets", "expected"),
+    [
+        (["dino.warmup_teacher_temp_epochs=5"], "dino.warmup_teacher_temp_epochs (5) is longer than the run"),
+        (["dino.directions=['rgb>uv']"], "dino direction 'rgb>uv' is not teacher>student"),
+        (["dino.directions=['rgb>ir']"], "the rgb teacher is the EMA of a student no direction trains"),
+        (["data.decode=gpu"], "data.decode = 'gpu' is not available with model.objective = 'dino'"),
+    ],
+)
+def test_bad_dino_input_is_one_line_before_any_work(dino_config, sets, expected):
+    result = run_cli(dino_config, *sets)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and expected in lines[0], result.stderr
+    assert not (dino_config.parent / "run").exists()
+
+
+@pytest.mark.slow
+def test_a_vicreg_checkpoint_is_not_resumed_as_dino_nor_the_reverse(dino_config, tmp_path):
+    vicreg = run_cli(dino_config, "model.objective=vicreg", "train.max_steps=1")
+    assert vicreg.returncode == 0, vicreg.stderr[-2000:]
+    refused = run_cli(dino_config, "train.max_steps=2")
+    assert refused.returncode == 2
+    lines = [line for line in refused.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "is a vicreg checkpoint; model.objective = 'dino' cannot resume it" in lines[0]
+    dino = run_cli(dino_config, f"run.dir={tmp_path / 'dino'}", "train.max_steps=1")
+    assert dino.returncode == 0, dino.stderr[-2000:]
+    back = run_cli(dino_config, f"run.dir={tmp_path / 'dino'}", "model.objective=vicreg", "train.max_steps=2")
+    assert back.returncode == 2 and "is a dino checkpoint; model.objective = 'vicreg' cannot resume it" in back.stderr
+
+
+# -- ranks and resume from the command line --------------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.mpi
+def test_dino_one_rank_batch_8_equals_two_ranks_batch_4(dino_config, tmp_path):
+    one = run_cli(dino_config, f"run.dir={tmp_path / 'one'}", "train.max_steps=2")
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = run_cli(dino_config, f"run.dir={tmp_path / 'two'}", "train.batch_size=4", "train.max_steps=2", ranks=2)
+    assert two.returncode == 0, two.stderr[-2000:]
+    a, b = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert a[0]["step"] == b[0]["step"] == 0
+    for key in ("loss", "loss_rgb>ir", "loss_ir>rgb", "teacher_entropy_ir>rgb", "center_norm_rgb>ir"):
+        assert b[0][key] == pytest.approx(a[0][key], rel=1e-4), key
+        assert b[1][key] == pytest.approx(a[1][key], rel=1e-4), key  # after one optimiser and EMA step too
+    assert keys_by_step(tmp_path / "one") == keys_by_step(tmp_path / "two")
+    # Students, teachers and centres after two steps (gradients averaged over the ranks, centres over every row).
+    one_state = torch.load(tmp_path / "one" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    two_state = torch.load(tmp_path / "two" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    for name, value in one_state.items():
+        error = (two_state[name].float() - value.float()).norm()
+        assert error <= 1e-4 * value.float().norm() + 1e-6, f"{name}: {error:.2e} of {value.float().norm():.2e}"
+
+
+@pytest.mark.slow
+def test_dino_sigterm_then_resume_equals_an_uninterrupted_run(dino_config, tmp_path):
+    straight = run_cli(dino_config, f"run.dir={tmp_path / 'straight'}", "train.epochs=2")
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    run = tmp_path / "interrupted"
+    argv = [sys.executable, "-m", "training", "run", "--config", str(dino_config), "--quiet", "--set", f"run.dir={run}",
+            "--set", "train.epochs=2"]
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    _wait_for_rows(run, 3)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    saved = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    total = max(r["step"] for r in metrics(tmp_path / "straight")) + 1
+    assert 0 < saved["step"] < total and "SIGTERM at step" in stderr, stdout + stderr
+    resumed = run_cli(dino_config, f"run.dir={run}", "train.epochs=2")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert keys_by_step(run) == keys_by_step(tmp_path / "straight")
+    ours, theirs = metrics(run), metrics(tmp_path / "straight")
+    assert [r["step"] for r in ours] == [r["step"] for r in theirs]
+    for key in ("loss", "loss_rgb>ir", "center_norm_ir>rgb", "rgb_teacher_embedding_std", "lr", "momentum"):
+        assert [r[key] for r in ours] == pytest.approx([r[key] for r in theirs], rel=1e-5), key
+    end_a = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["model"]
+    end_b = torch.load(tmp_path / "straight" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    for name, value in end_b.items():
+        torch.testing.assert_close(end_a[name], value, rtol=1e-5, atol=1e-6)
