@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -204,3 +205,25 @@ def test_dino_sigterm_then_resume_equals_an_uninterrupted_run(dino_config, tmp_p
     end_b = torch.load(tmp_path / "straight" / "checkpoints" / "last.pt", weights_only=True)["model"]
     for name, value in end_b.items():
         torch.testing.assert_close(end_a[name], value, rtol=1e-5, atol=1e-6)
+
+
+# -- analysis -----------------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_analysis_embed_on_a_dino_run_embeds_the_teacher_backbones(dino_config, tmp_path):
+    import zarr
+
+    from analysis.runs import RunDir
+    from tests.test_analysis import analysis_cli, small_chunk_config
+
+    run = tmp_path / "run"
+    trained = run_cli(dino_config, "train.max_steps=2")
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    done = analysis_cli("embed", str(run), "--config", str(small_chunk_config(tmp_path)), "--quiet")
+    assert done.returncode == 0, done.stderr[-3000:]
+    group = zarr.open_group(str(RunDir(run).embeddings("last")), mode="r")
+    assert set(group.array_keys()) >= {"rgb", "ir"} and "rgb_z" not in set(group.array_keys())
+    model, _, _ = RunDir(run).load_model(RunDir(run).checkpoint("last"))
+    assert model.rgb_backbone is model.teachers["rgb"].backbone and model.ir_backbone is model.teachers["ir"].backbone
+    rgb = np.asarray(group["rgb"][:])
+    assert rgb.shape[1] == model.rgb_backbone.num_features and np.isfinite(rgb).all()
