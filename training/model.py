@@ -105,7 +105,7 @@ class DINOModel(nn.Module):
                                       dynamic_img_size=True)
             head = DINOHead(backbone.num_features, d.out_dim, d.use_bn_in_head, d.norm_last_layer, d.nlayers,
                             d.hidden_dim, d.bottleneck_dim)
-            students[modality] = MultiCropWrapper(backbone, head)
+            students[modality] = MultiCropWrapper(backbone, _synced_batchnorms(head))
         self.students = nn.ModuleDict(students)
         self.teachers = nn.ModuleDict({name: make_teacher(student) for name, student in students.items()})
         self.losses = nn.ModuleDict({
@@ -127,6 +127,20 @@ class DINOModel(nn.Module):
         if modality not in self.teachers:
             raise ModelError(f"this DINO run trains no {modality} branch (dino.directions)")
         return self.teachers[modality].backbone
+
+
+def _synced_batchnorms(module: nn.Module) -> nn.Module:
+    """Every BatchNorm1d (dino.use_bn_in_head) as SyncBatchNorm1d, as upstream converts the head to SyncBatchNorm:
+    statistics over every rank's rows, so 2 ranks x 4 rows equal 1 process x 8 rows."""
+    for name, child in module.named_children():
+        if type(child) is nn.BatchNorm1d:
+            synced = SyncBatchNorm1d(child.num_features, child.eps, child.momentum, child.affine,
+                                     child.track_running_stats)
+            synced.load_state_dict(child.state_dict())
+            setattr(module, name, synced)
+        else:
+            _synced_batchnorms(child)
+    return module
 
 
 def _is_cross_modal(direction: str) -> bool:

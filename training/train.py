@@ -490,7 +490,7 @@ class Trainer:
     def _announce(self, start: int) -> None:
         c, steps = self.config, self.steps
         self.log(
-            f"training {c.model.mode}: {self.plan.selection.num_rows} samples, {steps.steps_per_epoch} steps/epoch x "
+            f"training {c.model.mode}{' (DINO)' if c.model.objective == 'dino' else ''}: {self.plan.selection.num_rows} samples, {steps.steps_per_epoch} steps/epoch x "
             f"{c.train.epochs} epochs, global batch {steps.global_batch} on {self.dist.world_size} rank(s) "
             f"({self.dist.backend or 'single process'}, {self.dist.device}, {self.precision})"
             + (f"; resuming at step {start}" if start else "")
