@@ -27,7 +27,7 @@ from training.transforms import crop_ir, decode_rgb_crop, draw_photometric, samp
 from tests.test_analysis import analysis_cli, small_chunk_config
 from tests.test_training import ROOT, TINY, _wait_for_rows, keys_by_step, metrics, run_cli
 
-DINO_TINY = TINY + """
+DINO_TINY = TINY.replace("[model]\n", '[model]\nobjective = "dino"\n') + """
 [dino]
 out_dim = 128
 hidden_dim = 64
@@ -40,7 +40,7 @@ DINO = "model.objective=dino"
 @pytest.fixture()
 def dino_config(built, tmp_path) -> Path:
     path = tmp_path / "dino.toml"
-    path.write_text(DINO_TINY.format(dataset=built, run=tmp_path / "run").replace('[model]\n', '[model]\nobjective = "dino"\n'))
+    path.write_text(DINO_TINY.format(dataset=built, run=tmp_path / "run"))
     return path
 
 
@@ -164,7 +164,8 @@ def test_a_vicreg_checkpoint_is_not_resumed_as_dino_nor_the_reverse(dino_config,
 
 @pytest.mark.slow
 @pytest.mark.mpi
-@pytest.mark.parametrize("variant", [(), ("dino.use_bn_in_head=true", "dino.alternate=true")], ids=["plain", "bn-alternate"])
+@pytest.mark.parametrize("variant", [(), ("dino.use_bn_in_head=true", "dino.alternate=true")],
+                         ids=["plain", "bn-alternate"])
 def test_dino_one_rank_batch_8_equals_two_ranks_batch_4(dino_config, tmp_path, variant):
     one = run_cli(dino_config, f"run.dir={tmp_path / 'one'}", "train.max_steps=2", *variant)
     assert one.returncode == 0, one.stderr[-2000:]

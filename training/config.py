@@ -133,11 +133,11 @@ class LossConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    name: str = _f("lars", "'lars' (upstream VICReg) or 'adamw'")
-    base_lr: float | None = _f(None, "learning rate per 256 pairs of global batch (lr = base_lr x global_batch / 256); unset: 0.2 for LARS (upstream VICReg), 5e-4 for AdamW")
-    weight_decay: float = _f(1e-6, "weight decay (biases and norms excluded)")
+    name: str = _f("lars", "'lars' (upstream VICReg) or 'adamw'; model.objective = 'dino' always uses AdamW (upstream DINO)")
+    base_lr: float | None = _f(None, "learning rate per 256 pairs of global batch (lr = base_lr x global_batch / 256); unset: 0.2 for LARS (upstream VICReg), 5e-4 for AdamW and for DINO (upstream's lr)")
+    weight_decay: float = _f(1e-6, "weight decay (biases and norms excluded); DINO: dino.weight_decay .. dino.weight_decay_end instead")
     warmup_epochs: float = _f(10.0, "linear warm-up length in epochs; must be shorter than train.epochs")
-    final_lr_ratio: float = _f(0.001, "the cosine decays to this fraction of the peak learning rate")
+    final_lr_ratio: float = _f(0.001, "the cosine decays to this fraction of the peak learning rate; DINO: to dino.min_lr instead")
     momentum: float = _f(0.9, "LARS momentum")
     eta: float = _f(0.001, "LARS trust coefficient")
     betas: tuple[float, float] = _f((0.9, 0.999), "AdamW betas")
