@@ -305,3 +305,14 @@ def test_multicrop_views_of_every_mode_fit_their_branches(built, mode):
     assert second_global.shape == (2 * n, second_ch, 32, 48)
     assert second_local.shape == (2 * n, second_ch, *crops.ir_local_hw)
     assert all(torch.isfinite(t).all() for t in (first_global, first_local, second_global, second_local))
+
+
+@pytest.mark.slow
+def test_a_non_finite_dino_loss_stops_and_keeps_the_last_good_checkpoint(dino_config, tmp_path):
+    run = tmp_path / "run"
+    assert run_cli(dino_config, "train.max_steps=1").returncode == 0
+    before = (run / "checkpoints" / "last.pt").read_bytes()
+    result = run_cli(dino_config, "data.ir_std=1e-38", "train.checkpoint_minutes=1e-9", extra=("--new-schedule",))
+    assert result.returncode == 3, result.stderr[-2000:]
+    assert "not finite" in result.stderr and "last good checkpoint" in result.stderr
+    assert (run / "checkpoints" / "last.pt").read_bytes() == before
