@@ -178,8 +178,10 @@ def _prepare(run: RunDir, checkpoint_name: str, where: str, cfg: EmbedConfig, da
     checkpoint = run.checkpoint(checkpoint_name)
     selection, root, _ = selection_for(run, where, dataset)
     model, config, spec = run.load_model(checkpoint)  # checks the architecture before anything is written
+    # A DINO run has no expanders: its embeddings are its teachers' backbones (DINOModel.rgb_backbone, ir_backbone).
+    projections = cfg.projections and config.model.objective == "vicreg"
     selection_sha = selection_fingerprint(selection)
-    identity = embedding_identity(checkpoint, where, selection_sha, config, cfg.projections)
+    identity = embedding_identity(checkpoint, where, selection_sha, config, projections)
     path = run.embeddings(checkpoint.name)
     n = selection.num_rows
     skip = False
@@ -193,7 +195,7 @@ def _prepare(run: RunDir, checkpoint_name: str, where: str, cfg: EmbedConfig, da
         skip = bool(existing.get("complete"))
     else:
         dims = {"rgb": (model.rgb_backbone.num_features, "float32"), "ir": (model.ir_backbone.num_features, "float32")}
-        if cfg.projections:
+        if projections:
             dims.update(rgb_z=(config.model.expander[-1], "float16"), ir_z=(config.model.expander[-1], "float16"))
         attrs = {
             "identity": identity, "checkpoint": checkpoint.name, "checkpoint_sha256": checkpoint.sha256,

@@ -19,7 +19,7 @@ __all__ = ["CheckpointError", "save_atomic", "load_checkpoint", "schedule_differ
 # compared by config_differences. base_lr is the resolved one (an unset optim.base_lr depends on the optimiser).
 SCHEDULE_KEYS = ("global_batch", "base_lr", "n_samples", "selection_sha256")
 # What decides the weights' shapes and meaning: a checkpoint cannot continue under a different one.
-MODEL_KEYS = ("mode", "rgb_arch", "ir_arch", "rgb_patch", "ir_patch", "depth", "expander", "first_hw", "second_hw")
+MODEL_KEYS = ("objective", "head", "modalities", "directions", "mode", "rgb_arch", "ir_arch", "rgb_patch", "ir_patch", "depth", "expander", "first_hw", "second_hw")
 
 
 # Config keys that change how a run executes, not what it computes: free to differ on resume. (The dataset path
@@ -76,7 +76,7 @@ def schedule_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 
 def model_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    return _differences(old, new, MODEL_KEYS)
+    return _differences({"objective": "vicreg", **old}, {"objective": "vicreg", **new}, MODEL_KEYS)
 
 
 def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -90,8 +90,17 @@ def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _without_unused_dino(config: dict[str, Any]) -> dict[str, Any]:
+    """A VICReg config without the [dino] section it ignores (and a config from before model.objective existed
+    reads as VICReg), so a VICReg run resumes whatever the [dino] defaults are."""
+    model = config.get("model", {})
+    if model.get("objective", "vicreg") != "vicreg":
+        return config
+    return {**{k: v for k, v in config.items() if k != "dino"}, "model": {**model, "objective": "vicreg"}}
+
+
 def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Every changed key of two resolved configs that changes what training computes (data, model, loss, optim)."""
-    a, b = _flatten(old), _flatten(new)
+    a, b = _flatten(_without_unused_dino(old)), _flatten(_without_unused_dino(new))
     keys = sorted((set(a) | set(b)) - set(OPERATIONAL_KEYS))
     return _differences(a, b, tuple(keys))

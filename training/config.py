@@ -17,14 +17,19 @@ import tomli_w
 from catalog.runinfo import ConfigError, config_from_dict, config_to_dict, read_toml
 
 __all__ = [
+    "untrained_teachers",
     "DataConfig",
     "ModelConfig",
     "LossConfig",
     "OptimConfig",
     "TrainLoopConfig",
     "RunConfig",
+    "DINOConfig",
     "TrainingConfig",
     "MODES",
+    "OBJECTIVES",
+    "MODALITIES",
+    "parse_direction",
     "parse_set",
     "apply_sets",
     "load_training_config",
@@ -33,6 +38,8 @@ __all__ = [
 ]
 
 MODES = ("rgb-ir", "rgb-grey", "grey-ir", "ir3")
+OBJECTIVES = ("vicreg", "dino")
+MODALITIES = ("rgb", "ir")  # DINO's names of the two branches: rgb takes the first view, ir the second
 
 
 def _f(default: Any, help: str, **kwargs: Any) -> Any:  # noqa: A002 - reads as the field's help text
@@ -96,6 +103,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
+    objective: str = _f("vicreg", "'vicreg' (two branches, one VICReg loss) or 'dino' (cross-modal DINO: EMA teachers, multi-crop; see [dino])")
     mode: str = _f("rgb-ir", "'rgb-ir'; controls: 'rgb-grey' (second view = luma of the RGB image), 'grey-ir' (first view = luma), 'ir3' (IR in 3 temperature bands)")
     rgb_arch: str = _f("vit_small_patch16_224", "timm model name of the RGB (first) branch; built with pretrained=False")
     ir_arch: str = _f("vit_small_patch16_224", "timm model name of the IR (second) branch; built with pretrained=False")
@@ -106,6 +114,8 @@ class ModelConfig:
     expander: tuple[int, ...] = _f((8192, 8192, 8192), "expander MLP widths per branch (upstream VICReg: 8192-8192-8192)")
 
     def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"model.objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         if self.mode not in MODES:
             raise ValueError(f"model.mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.rgb_patch < 1 or self.ir_patch < 1 or self.depth < 0:
@@ -123,11 +133,11 @@ class LossConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    name: str = _f("lars", "'lars' (upstream VICReg) or 'adamw'")
-    base_lr: float | None = _f(None, "learning rate per 256 pairs of global batch (lr = base_lr x global_batch / 256); unset: 0.2 for LARS (upstream VICReg), 5e-4 for AdamW")
-    weight_decay: float = _f(1e-6, "weight decay (biases and norms excluded)")
+    name: str = _f("lars", "'lars' (upstream VICReg) or 'adamw'; model.objective = 'dino' always uses AdamW (upstream DINO)")
+    base_lr: float | None = _f(None, "learning rate per 256 pairs of global batch (lr = base_lr x global_batch / 256); unset: 0.2 for LARS (upstream VICReg), 5e-4 for AdamW and for DINO (upstream's lr)")
+    weight_decay: float = _f(1e-6, "weight decay (biases and norms excluded); DINO: dino.weight_decay .. dino.weight_decay_end instead")
     warmup_epochs: float = _f(10.0, "linear warm-up length in epochs; must be shorter than train.epochs")
-    final_lr_ratio: float = _f(0.001, "the cosine decays to this fraction of the peak learning rate")
+    final_lr_ratio: float = _f(0.001, "the cosine decays to this fraction of the peak learning rate; DINO: to dino.min_lr instead")
     momentum: float = _f(0.9, "LARS momentum")
     eta: float = _f(0.001, "LARS trust coefficient")
     betas: tuple[float, float] = _f((0.9, 0.999), "AdamW betas")
@@ -179,6 +189,74 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
+class DINOConfig:
+    """The ``[dino]`` section: upstream main_dino.py's keys and defaults, plus the cross-modal ones.
+
+    The learning rate's peak (per 256 samples) and warm-up come from ``[optim]`` (optim.base_lr is upstream's
+    ``lr``, already per 256), so they are not repeated here.
+    """
+
+    out_dim: int = _f(65536, "K, the head's output dimension (upstream out_dim)")
+    norm_last_layer: bool = _f(True, "weight-normalised last layer with its g frozen at 1 (upstream norm_last_layer)")
+    use_bn_in_head: bool = _f(False, "BatchNorm in the head's MLP (upstream use_bn_in_head)")
+    hidden_dim: int = _f(2048, "head MLP width")
+    bottleneck_dim: int = _f(256, "head bottleneck before the weight-normalised last layer")
+    nlayers: int = _f(3, "head MLP layers")
+    momentum_teacher: float = _f(0.996, "EMA momentum at step 0; cosine to 1 by the last step")
+    warmup_teacher_temp: float = _f(0.04, "teacher temperature at epoch 0")
+    teacher_temp: float = _f(0.04, "teacher temperature after the warm-up (the README's ViT-S recipe: 0.07)")
+    warmup_teacher_temp_epochs: int = _f(0, "epochs of linear teacher-temperature warm-up (ViT-S recipe: 30)")
+    student_temp: float = _f(0.1, "student temperature")
+    center_momentum: float = _f(0.9, "momentum of the teacher-output centre")
+    weight_decay: float = _f(0.04, "weight decay at step 0 (decayed group only); cosine to weight_decay_end")
+    weight_decay_end: float = _f(0.4, "weight decay at the last step")
+    min_lr: float = _f(1e-6, "learning rate at the end of the cosine")
+    clip_grad: float = _f(3.0, "clip each parameter tensor's gradient norm to this (0: no clipping)")
+    freeze_last_layer: int = _f(1, "epochs during which the head's last layer gets no gradient")
+    global_crops_scale: tuple[float, float] = _f((0.4, 1.0), "area range of the 2 global crops")
+    local_crops_number: int = _f(8, "local crops per sample (0: no multi-crop)")
+    local_crops_scale: tuple[float, float] = _f((0.05, 0.4), "area range of the local crops")
+    local_crop_fraction: float = _f(96 / 224, "local crop side / global crop side (upstream: 96 px at 224)")
+    directions: tuple[str, ...] = _f(("rgb>ir", "ir>rgb"), "teacher>student modality pairs, e.g. 'rgb>ir', 'ir>ir'")
+    alternate: bool = _f(False, "true: one direction per step, in turn; false: every direction every step, averaged")
+
+    def __post_init__(self) -> None:
+        if self.out_dim < 1 or self.nlayers < 1 or self.hidden_dim < 1 or self.bottleneck_dim < 1:
+            raise ValueError("dino.out_dim, dino.nlayers, dino.hidden_dim and dino.bottleneck_dim must be >= 1")
+        if not 0 <= self.momentum_teacher <= 1 or not 0 <= self.center_momentum <= 1:
+            raise ValueError("dino.momentum_teacher and dino.center_momentum must be in [0, 1]")
+        if min(self.warmup_teacher_temp, self.teacher_temp, self.student_temp) <= 0:
+            raise ValueError("dino temperatures must be > 0")
+        if self.warmup_teacher_temp_epochs < 0 or self.freeze_last_layer < 0 or self.local_crops_number < 0:
+            raise ValueError("dino.warmup_teacher_temp_epochs, freeze_last_layer, local_crops_number must be >= 0")
+        for name in ("global_crops_scale", "local_crops_scale"):
+            lo, hi = getattr(self, name)
+            if not 0 < lo <= hi <= 1:
+                raise ValueError(f"dino.{name} must satisfy 0 < low <= high <= 1, got {[lo, hi]}")
+        if not 0 < self.local_crop_fraction <= 1:
+            raise ValueError(f"dino.local_crop_fraction must be in (0, 1], got {self.local_crop_fraction}")
+        if not self.directions:
+            raise ValueError("dino.directions must name at least one teacher>student pair")
+        for direction in self.directions:
+            parse_direction(direction)
+
+
+def parse_direction(direction: str) -> tuple[str, str]:
+    """``'rgb>ir'`` -> ``('rgb', 'ir')``: (teacher modality, student modality); ValueError on anything else."""
+    teacher, sep, student = direction.partition(">")
+    if not sep or teacher not in MODALITIES or student not in MODALITIES:
+        raise ValueError(f"dino direction {direction!r} is not teacher>student with each of {', '.join(MODALITIES)}")
+    return teacher, student
+
+
+def untrained_teachers(directions: tuple[str, ...]) -> list[str]:
+    """Teacher modalities whose own student no direction trains: such a teacher (the EMA of its student) never moves."""
+    pairs = [parse_direction(d) for d in directions]
+    students = {student for _, student in pairs}
+    return sorted({teacher for teacher, _ in pairs} - students)
+
+
+@dataclass(frozen=True)
 class TrainingConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -186,13 +264,36 @@ class TrainingConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    dino: DINOConfig = field(default_factory=DINOConfig)
 
     def __post_init__(self) -> None:
+        if self.model.objective == "dino":
+            self._check_dino()
         if self.optim.warmup_epochs >= self.train.epochs:
             raise ValueError(
                 f"optim.warmup_epochs ({self.optim.warmup_epochs:g}) must be shorter than train.epochs "
                 f"({self.train.epochs}), or the learning rate never decays"
             )
+
+    def _check_dino(self) -> None:
+        d, epochs = self.dino, self.train.epochs
+        if d.warmup_teacher_temp_epochs > epochs:
+            raise ValueError(f"dino.warmup_teacher_temp_epochs ({d.warmup_teacher_temp_epochs}) is longer than the run "
+                             f"(train.epochs {epochs})")
+        if self.optim.warmup_epochs != int(self.optim.warmup_epochs):
+            raise ValueError(f"optim.warmup_epochs must be whole epochs with model.objective = 'dino' (upstream's "
+                             f"schedule), got {self.optim.warmup_epochs:g}")
+        untrained = untrained_teachers(d.directions)
+        if untrained:
+            raise ValueError(f"dino.directions {list(d.directions)}: the {' and '.join(untrained)} teacher is the EMA of "
+                             f"a student no direction trains, so it would never change; add e.g. "
+                             f"'{untrained[0]}>{untrained[0]}' or '{'ir' if untrained[0] == 'rgb' else 'rgb'}>{untrained[0]}'")
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        """DINO's trained modalities (students, and so teachers), in MODALITIES order."""
+        students = {parse_direction(d)[1] for d in self.dino.directions}
+        return tuple(m for m in MODALITIES if m in students)
 
     def with_ir_stats(self, mean: float, std: float) -> TrainingConfig:
         return dataclasses.replace(self, data=dataclasses.replace(self.data, ir_mean=float(mean), ir_std=float(std)))
@@ -283,4 +384,5 @@ _SECTIONS = {
     "optim": OptimConfig,
     "train": TrainLoopConfig,
     "run": RunConfig,
+    "dino": DINOConfig,
 }

@@ -10,7 +10,8 @@ operation, so ``tests/test_dino.py`` can check it against verbatim copies of ups
 
 ``ir3_relative`` splits IR into three bands whose edges sit relative to a reference temperature (see
 ``ir_references``) instead of the fixed degrees C of ``transforms.ir_bands``, so clouds land in one band whatever
-the air temperature. Nothing here is wired into ``training.train`` yet.
+the air temperature. ``training.train`` wires it into ``training run`` (``model.objective = 'dino'``).
+``DINOConfig`` and ``parse_direction`` live in ``training.config`` (which imports no torch) and are re-exported here.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
+from training.config import MODALITIES, DINOConfig, parse_direction
 from training.transforms import random_resized_box
 
 __all__ = [
@@ -60,74 +62,6 @@ __all__ = [
     "ir3_band_index",
     "ir3_relative",
 ]
-
-MODALITIES = ("rgb", "ir")
-
-
-def _f(default: Any, help: str) -> Any:  # noqa: A002 - the field's help text, as training.config's fields carry it
-    return field(default=default, metadata={"help": help})
-
-
-@dataclass(frozen=True)
-class DINOConfig:
-    """The ``[dino]`` section: upstream main_dino.py's keys and defaults, plus the cross-modal ones.
-
-    The learning rate's peak (per 256 samples) and warm-up come from ``[optim]`` (optim.base_lr is upstream's
-    ``lr``, already per 256), so they are not repeated here.
-    """
-
-    out_dim: int = _f(65536, "K, the head's output dimension (upstream out_dim)")
-    norm_last_layer: bool = _f(True, "weight-normalised last layer with its g frozen at 1 (upstream norm_last_layer)")
-    use_bn_in_head: bool = _f(False, "BatchNorm in the head's MLP (upstream use_bn_in_head)")
-    hidden_dim: int = _f(2048, "head MLP width")
-    bottleneck_dim: int = _f(256, "head bottleneck before the weight-normalised last layer")
-    nlayers: int = _f(3, "head MLP layers")
-    momentum_teacher: float = _f(0.996, "EMA momentum at step 0; cosine to 1 by the last step")
-    warmup_teacher_temp: float = _f(0.04, "teacher temperature at epoch 0")
-    teacher_temp: float = _f(0.04, "teacher temperature after the warm-up (the README's ViT-S recipe: 0.07)")
-    warmup_teacher_temp_epochs: int = _f(0, "epochs of linear teacher-temperature warm-up (ViT-S recipe: 30)")
-    student_temp: float = _f(0.1, "student temperature")
-    center_momentum: float = _f(0.9, "momentum of the teacher-output centre")
-    weight_decay: float = _f(0.04, "weight decay at step 0 (decayed group only); cosine to weight_decay_end")
-    weight_decay_end: float = _f(0.4, "weight decay at the last step")
-    min_lr: float = _f(1e-6, "learning rate at the end of the cosine")
-    clip_grad: float = _f(3.0, "clip each parameter tensor's gradient norm to this (0: no clipping)")
-    freeze_last_layer: int = _f(1, "epochs during which the head's last layer gets no gradient")
-    global_crops_scale: tuple[float, float] = _f((0.4, 1.0), "area range of the 2 global crops")
-    local_crops_number: int = _f(8, "local crops per sample (0: no multi-crop)")
-    local_crops_scale: tuple[float, float] = _f((0.05, 0.4), "area range of the local crops")
-    local_crop_fraction: float = _f(96 / 224, "local crop side / global crop side (upstream: 96 px at 224)")
-    directions: tuple[str, ...] = _f(("rgb>ir", "ir>rgb"), "teacher>student modality pairs, e.g. 'rgb>ir', 'ir>ir'")
-    alternate: bool = _f(False, "true: one direction per step, in turn; false: every direction every step, averaged")
-
-    def __post_init__(self) -> None:
-        if self.out_dim < 1 or self.nlayers < 1 or self.hidden_dim < 1 or self.bottleneck_dim < 1:
-            raise ValueError("dino.out_dim, dino.nlayers, dino.hidden_dim and dino.bottleneck_dim must be >= 1")
-        if not 0 <= self.momentum_teacher <= 1 or not 0 <= self.center_momentum <= 1:
-            raise ValueError("dino.momentum_teacher and dino.center_momentum must be in [0, 1]")
-        if min(self.warmup_teacher_temp, self.teacher_temp, self.student_temp) <= 0:
-            raise ValueError("dino temperatures must be > 0")
-        if self.warmup_teacher_temp_epochs < 0 or self.freeze_last_layer < 0 or self.local_crops_number < 0:
-            raise ValueError("dino.warmup_teacher_temp_epochs, freeze_last_layer, local_crops_number must be >= 0")
-        for name in ("global_crops_scale", "local_crops_scale"):
-            lo, hi = getattr(self, name)
-            if not 0 < lo <= hi <= 1:
-                raise ValueError(f"dino.{name} must satisfy 0 < low <= high <= 1, got {[lo, hi]}")
-        if not 0 < self.local_crop_fraction <= 1:
-            raise ValueError(f"dino.local_crop_fraction must be in (0, 1], got {self.local_crop_fraction}")
-        if not self.directions:
-            raise ValueError("dino.directions must name at least one teacher>student pair")
-        for direction in self.directions:
-            parse_direction(direction)
-
-
-def parse_direction(direction: str) -> tuple[str, str]:
-    """``'rgb>ir'`` -> ``('rgb', 'ir')``: (teacher modality, student modality); ValueError on anything else."""
-    teacher, sep, student = direction.partition(">")
-    if not sep or teacher not in MODALITIES or student not in MODALITIES:
-        raise ValueError(f"dino direction {direction!r} is not teacher>student with each of {', '.join(MODALITIES)}")
-    return teacher, student
-
 
 # -- the head -------------------------------------------------------------------------------------------------
 
@@ -235,7 +169,9 @@ class MultiCropWrapper(nn.Module):
             out = self.backbone(torch.cat(crops[start:end]))
             outputs.append(out[0] if isinstance(out, tuple) else out)
             start = end
-        return self.head(torch.cat(outputs))
+        features = torch.cat(outputs)
+        self.last_features = features.detach()  # the backbone's output, for monitoring (training.dino_step)
+        return self.head(features)
 
 
 def _run_ends(sizes: list[tuple[int, ...]]) -> list[int]:
@@ -344,11 +280,14 @@ def learning_rate_schedule(lr_per_256: float, min_lr: float, global_batch: int, 
 
 
 def apply_schedules(optimizer: torch.optim.Optimizer, it: int, lrs: np.ndarray, wds: np.ndarray) -> None:
-    """Upstream's per-iteration update: every group's lr; the weight decay of the first (regularised) group only."""
+    """Upstream's per-iteration update: every group's lr; the weight decay of the first (regularised) group only.
+
+    Python floats, not numpy scalars: the optimiser's state_dict must load with ``weights_only=True``.
+    """
     for i, group in enumerate(optimizer.param_groups):
-        group["lr"] = lrs[it]
+        group["lr"] = float(lrs[it])
         if i == 0:
-            group["weight_decay"] = wds[it]
+            group["weight_decay"] = float(wds[it])
 
 
 # -- teacher, gradients, parameter groups --------------------------------------------------------------------

@@ -35,12 +35,15 @@ from catalog.storage import is_remote
 from shards.cache import ShardCache, check_limit, parse_size
 from shards.layout import ir_celsius
 from shards.reader import SelectionReader, epoch_order
-from training.config import DataConfig
+from training.config import DataConfig, TrainingConfig
+from training.dino import draw_multicrop, local_crop_hw
 from training.transforms import (
     Augment,
     crop_ir,
     decode_rgb_crop,
+    decode_rgb_crops,
     draw_augment,
+    draw_photometric,
     fit_to_grid,
     ir_bands,
     jitter_grey,
@@ -52,7 +55,7 @@ from training.transforms import (
     tiled_size,
 )
 
-__all__ = ["StepPlan", "PairBatches", "RowBatches", "EVAL_AUGMENT", "build_batch", "DevicePrefetcher", "BatchViews", "make_loader", "selection_fingerprint", "shard_cache"]
+__all__ = ["StepPlan", "MultiCropPlan", "build_multicrop_batch", "PairBatches", "RowBatches", "EVAL_AUGMENT", "build_batch", "DevicePrefetcher", "BatchViews", "make_loader", "selection_fingerprint", "shard_cache"]
 
 
 def selection_fingerprint(table: pa.Table) -> str:
@@ -101,19 +104,40 @@ class StepPlan:
         return self.global_rows(step)[rank * self.batch_size : (rank + 1) * self.batch_size]
 
 
+@dataclass(frozen=True)
+class MultiCropPlan:
+    """DINO's crops of every sample: ``n_global`` at the run's input sizes, ``n_local`` at the local sizes."""
+
+    global_scale: tuple[float, float]
+    local_scale: tuple[float, float]
+    n_local: int
+    rgb_local_hw: tuple[int, int]
+    ir_local_hw: tuple[int, int]
+    n_global: int = 2
+
+    @classmethod
+    def of(cls, config: TrainingConfig) -> MultiCropPlan:
+        d, m, dino = config.data, config.model, config.dino
+        rgb_hw, ir_hw = tiled_size(d.rgb_size, m.rgb_patch, d.fit), tiled_size(d.ir_size, m.ir_patch, d.fit)
+        return cls(dino.global_crops_scale, dino.local_crops_scale, dino.local_crops_number,
+                   local_crop_hw(rgb_hw, m.rgb_patch, dino.local_crop_fraction),
+                   local_crop_hw(ir_hw, m.ir_patch, dino.local_crop_fraction))
+
+
 class PairBatches(IterableDataset):
     """Whole batches for one rank, steps ``[start_step, stop_step)``: built in DataLoader workers.
 
     A batch is a dict: ``step``, ``epoch``, ``keys``; ``rgb`` uint8 N x H x W x 3 (``decode='cpu'``) or the
     batch's JPEG bytes as one uint8 tensor with ``jpeg_offsets``, ``boxes`` and ``flip`` (``decode='gpu'``);
     ``ir`` float32 N x h x w in degrees C (cropped, jittered); ``rgb_jitter`` N x 3, ``grey_jitter`` N x 2.
+    With ``crops`` (DINO) a batch is ``build_multicrop_batch``'s instead.
     """
 
     def __init__(self, reader: SelectionReader, plan: StepPlan, rank: int, data: DataConfig, mode: str,
-                 start_step: int, stop_step: int, ir_fill_c: float) -> None:
+                 start_step: int, stop_step: int, ir_fill_c: float, crops: MultiCropPlan | None = None) -> None:
         super().__init__()
         self.reader, self.plan, self.rank, self.data, self.mode = reader, plan, rank, data, mode
-        self.start_step, self.stop_step, self.ir_fill_c = start_step, stop_step, ir_fill_c
+        self.start_step, self.stop_step, self.ir_fill_c, self.crops = start_step, stop_step, ir_fill_c, crops
 
     def __len__(self) -> int:
         return max(self.stop_step - self.start_step, 0)
@@ -130,7 +154,13 @@ class PairBatches(IterableDataset):
     def batch(self, step: int) -> dict:
         epoch = step // self.plan.steps_per_epoch
         seed, data = self.plan.seed, self.data
-        batch = build_batch(self.reader, self.plan.rows(step, self.rank), data, self.mode, self.ir_fill_c,
+        rows = self.plan.rows(step, self.rank)
+        if self.crops is not None:
+            batch = build_multicrop_batch(self.reader, rows, data, self.mode, self.ir_fill_c,
+                                          lambda key: sample_rng(seed, epoch, key), self.crops, data.ir_noise_c)
+            batch.update(step=step, epoch=epoch)
+            return batch
+        batch = build_batch(self.reader, rows, data, self.mode, self.ir_fill_c,
                             lambda key: draw_augment(sample_rng(seed, epoch, key), data), data.ir_noise_c)
         batch.update(step=step, epoch=epoch)
         return batch
@@ -222,6 +252,51 @@ def build_batch(reader: SelectionReader, rows: np.ndarray, data: DataConfig, mod
     return batch
 
 
+def build_multicrop_batch(reader: SelectionReader, rows: np.ndarray, data: DataConfig, mode: str, ir_fill_c: float,
+                          rng_of: Callable[[str], np.random.Generator], crops: MultiCropPlan,
+                          ir_noise_c: float) -> dict:
+    """DINO's batch: every sample's crops (``draw_multicrop`` from ``rng_of(key)``, then each crop's photometric
+    jitter from the same generator), the same relative box cut from RGB and IR, each JPEG decoded once.
+
+    Crop-major rows, as DINOLoss chunks them: ``rgb_global`` uint8 (n_global x N) x H x W x 3 (row c x N + i is
+    crop c of sample i), ``rgb_local`` likewise at the local size, ``ir_global``/``ir_local`` float32 degrees C,
+    ``rgb_jitter`` ((n_global + n_local) x N) x 3 and ``grey_jitter`` x 2 (globals' rows first).
+    """
+    n, n_crops = len(rows), crops.n_global + crops.n_local
+    ir_local_hw = crops.ir_local_hw
+    sizes = [(data.rgb_size, data.ir_size)] * crops.n_global + [(crops.rgb_local_hw, ir_local_hw)] * crops.n_local
+    out = {
+        "rgb_global": _batch_buffer((crops.n_global * n, *data.rgb_size, 3), torch.uint8),
+        "rgb_local": _batch_buffer((crops.n_local * n, *crops.rgb_local_hw, 3), torch.uint8),
+        "ir_global": _batch_buffer((crops.n_global * n, *data.ir_size), torch.float32),
+        "ir_local": _batch_buffer((crops.n_local * n, *ir_local_hw), torch.float32),
+    }
+    for name in ("ir_global", "ir_local"):
+        out[name].numpy().fill(0)
+    rgb_jitter = np.empty((n_crops * n, 3), dtype=np.float32)
+    grey_jitter = np.empty((n_crops * n, 2), dtype=np.float32)
+    keys: list[str] = []
+    for i, sample in enumerate(reader.iter_rows(rows)):
+        key = sample["__key__"]
+        keys.append(key)
+        rng = rng_of(key)
+        multicrop = draw_multicrop(rng, crops.global_scale, crops.local_scale, crops.n_global, crops.n_local,
+                                   data.crop_ratio, data.hflip)
+        augments = [draw_photometric(rng, data, box, flip) for box, flip in zip(multicrop.boxes, multicrop.flips)]
+        rgbs = decode_rgb_crops(sample["rgb.jpg"], list(multicrop.boxes), [rgb for rgb, _ in sizes],
+                                list(multicrop.flips))
+        celsius = ir_celsius(sample) if mode != "rgb-grey" else None
+        for c, (aug, rgb) in enumerate(zip(augments, rgbs)):
+            scope, row = ("global", c * n + i) if c < crops.n_global else ("local", (c - crops.n_global) * n + i)
+            out[f"rgb_{scope}"].numpy()[row] = rgb
+            rgb_jitter[c * n + i], grey_jitter[c * n + i] = aug.rgb_jitter, aug.grey_jitter
+            if celsius is not None:
+                out[f"ir_{scope}"].numpy()[row] = crop_ir(celsius, aug.box, sizes[c][1], aug.flip, ir_fill_c,
+                                                          aug.ir_gain, aug.ir_offset_c, ir_noise_c, aug.noise_seed)
+    out.update(keys=keys, rgb_jitter=torch.from_numpy(rgb_jitter), grey_jitter=torch.from_numpy(grey_jitter))
+    return out
+
+
 def _batch_buffer(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """An empty tensor, in shared memory inside a DataLoader worker (as default_collate allocates its output),
     so handing the batch to the training process copies nothing."""
@@ -295,24 +370,40 @@ class BatchViews:
         return decode_crop_on_device(batch, self.data.rgb_size, self.device)
 
     def __call__(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        rgb = self.rgb(batch)
-        rgb_jitter = batch["rgb_jitter"].to(self.device, non_blocking=True)
-        grey_jitter = batch["grey_jitter"].to(self.device, non_blocking=True)
+        first, second = self._views(self.rgb(batch), batch["ir"], batch["rgb_jitter"], batch["grey_jitter"],
+                                    self.data.ir_size)
+        return fit_to_grid(first, self.first_hw), fit_to_grid(second, self.second_hw)
+
+    def multicrop(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A ``build_multicrop_batch`` batch's (first global, first local, second global, second local) views."""
+        n_global = len(batch["rgb_global"])
+        rgb_jitter, grey_jitter = batch["rgb_jitter"], batch["grey_jitter"]
+        first_global, second_global = self._views(
+            rgb_to_float(batch["rgb_global"].to(self.device, non_blocking=True)), batch["ir_global"],
+            rgb_jitter[:n_global], grey_jitter[:n_global], self.data.ir_size)
+        first_local, second_local = self._views(
+            rgb_to_float(batch["rgb_local"].to(self.device, non_blocking=True)), batch["ir_local"],
+            rgb_jitter[n_global:], grey_jitter[n_global:], tuple(batch["ir_local"].shape[-2:]))
+        return (fit_to_grid(first_global, self.first_hw), first_local, fit_to_grid(second_global, self.second_hw),
+                second_local)
+
+    def _views(self, rgb: torch.Tensor, ir_celsius: torch.Tensor, rgb_jitter: torch.Tensor, grey_jitter: torch.Tensor,
+               ir_hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mode's two views of float RGB crops and their IR crops (degrees C); ``ir_hw``: rgb-grey's IR size."""
+        rgb_jitter = rgb_jitter.to(self.device, non_blocking=True)
+        grey_jitter = grey_jitter.to(self.device, non_blocking=True)
         if self.mode == "grey-ir":
             first = jitter_grey(luma(rgb), grey_jitter)
         else:
             first = jitter_rgb(rgb, rgb_jitter)
         if self.mode == "rgb-grey":
             # The control's second view comes from the RGB image itself, never from the thermal one.
-            small = F.interpolate(luma(rgb), size=self.data.ir_size, mode="bilinear", antialias=True, align_corners=False)
-            second = jitter_grey(small, grey_jitter)
-        else:
-            celsius = batch["ir"].to(self.device, non_blocking=True)
-            if self.mode == "ir3":
-                second = ir_bands(celsius, self.data.ir3_bounds, self.ir_mean_c, self.ir_std_c)
-            else:
-                second = normalise_ir(celsius, self.ir_mean_c, self.ir_std_c)
-        return fit_to_grid(first, self.first_hw), fit_to_grid(second, self.second_hw)
+            small = F.interpolate(luma(rgb), size=ir_hw, mode="bilinear", antialias=True, align_corners=False)
+            return first, jitter_grey(small, grey_jitter)
+        celsius = ir_celsius.to(self.device, non_blocking=True)
+        if self.mode == "ir3":
+            return first, ir_bands(celsius, self.data.ir3_bounds, self.ir_mean_c, self.ir_std_c)
+        return first, normalise_ir(celsius, self.ir_mean_c, self.ir_std_c)
 
 
 def decode_crop_on_device(batch: dict, out_hw: tuple[int, int], device: torch.device) -> torch.Tensor:

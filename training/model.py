@@ -6,11 +6,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.config import ModelConfig, TrainingConfig
+from training.config import MODALITIES, ModelConfig, TrainingConfig, parse_direction
+from training.dino import DINOHead, DINOLoss, MultiCropWrapper, make_teacher
 from training.distributed import SyncBatchNorm1d, gather_rows
 from training.transforms import tiled_size
 
-__all__ = ["ModelError", "build_backbone", "Expander", "VICReg", "vicreg_loss", "off_diagonal", "embedding_std",
+__all__ = ["ModelError", "build_backbone", "Expander", "VICReg", "DINOModel", "vicreg_loss", "off_diagonal", "embedding_std",
            "check_arch", "view_channels", "model_spec", "initial_model"]
 
 
@@ -28,14 +29,19 @@ def check_arch(name: str, key: str) -> None:
 
 
 def build_backbone(arch: str, patch: int, in_chans: int, img_hw: tuple[int, int], depth: int = 0,
-                   drop_path: float = 0.0, key: str = "model") -> nn.Module:
-    """A timm ViT from random init, its position embedding built for the true (H, W) patch grid."""
+                   drop_path: float = 0.0, key: str = "model", dynamic_img_size: bool = False) -> nn.Module:
+    """A timm ViT from random init, its position embedding built for the true (H, W) patch grid.
+
+    ``dynamic_img_size``: other input sizes too (the position embedding interpolated), as DINO's local crops need.
+    """
     import timm  # about 3 s of import (see check_arch)
 
     check_arch(arch, key)
     if img_hw[0] % patch or img_hw[1] % patch:
         raise ModelError(f"{key}: patch {patch} does not tile {img_hw[0]}x{img_hw[1]} (set data.fit = 'crop' or 'pad')")
-    kwargs = {"depth": depth} if depth else {}
+    kwargs: dict = {"depth": depth} if depth else {}
+    if dynamic_img_size:
+        kwargs["dynamic_img_size"] = True
     try:
         return timm.create_model(arch, pretrained=False, num_classes=0, img_size=img_hw, patch_size=patch,
                                  in_chans=in_chans, drop_path_rate=drop_path, **kwargs)
@@ -76,6 +82,70 @@ class VICReg(nn.Module):
         h_rgb = self.rgb_backbone(first)
         h_ir = self.ir_backbone(second)
         return self.rgb_expander(h_rgb), self.ir_expander(h_ir), h_rgb, h_ir
+
+
+class DINOModel(nn.Module):
+    """Cross-modal DINO: per trained modality a student (backbone + DINOHead in a MultiCropWrapper) and its EMA
+    teacher; per direction ``teacher>student`` a DINOLoss holding its centre.
+
+    State-dict names: ``students.rgb.backbone.*``, ``teachers.ir.head.*``, ``losses.rgb>ir.center``. The
+    ``rgb_backbone`` / ``ir_backbone`` properties are the teachers' backbones (DINO's evaluated network), so
+    analysis embeds a DINO run as it embeds a VICReg one.
+    """
+
+    def __init__(self, config: TrainingConfig, first_hw: tuple[int, int], second_hw: tuple[int, int],
+                 channels: tuple[int, int]) -> None:
+        super().__init__()
+        m, d = config.model, config.dino
+        inputs = {"rgb": (m.rgb_arch, m.rgb_patch, channels[0], first_hw), "ir": (m.ir_arch, m.ir_patch, channels[1], second_hw)}
+        students = {}
+        for modality in config.modalities:
+            arch, patch, in_chans, hw = inputs[modality]
+            backbone = build_backbone(arch, patch, in_chans, hw, m.depth, m.drop_path, key=f"model.{modality}_arch",
+                                      dynamic_img_size=True)
+            head = DINOHead(backbone.num_features, d.out_dim, d.use_bn_in_head, d.norm_last_layer, d.nlayers,
+                            d.hidden_dim, d.bottleneck_dim)
+            students[modality] = MultiCropWrapper(backbone, _synced_batchnorms(head))
+        self.students = nn.ModuleDict(students)
+        self.teachers = nn.ModuleDict({name: make_teacher(student) for name, student in students.items()})
+        self.losses = nn.ModuleDict({
+            direction: DINOLoss(d.out_dim, 2 + d.local_crops_number, d.warmup_teacher_temp, d.teacher_temp,
+                                d.warmup_teacher_temp_epochs, config.train.epochs, d.student_temp, d.center_momentum,
+                                same_view_positive=_is_cross_modal(direction))
+            for direction in d.directions
+        })
+
+    @property
+    def rgb_backbone(self) -> nn.Module:
+        return self._teacher_backbone("rgb")
+
+    @property
+    def ir_backbone(self) -> nn.Module:
+        return self._teacher_backbone("ir")
+
+    def _teacher_backbone(self, modality: str) -> nn.Module:
+        if modality not in self.teachers:
+            raise ModelError(f"this DINO run trains no {modality} branch (dino.directions)")
+        return self.teachers[modality].backbone
+
+
+def _synced_batchnorms(module: nn.Module) -> nn.Module:
+    """Every BatchNorm1d (dino.use_bn_in_head) as SyncBatchNorm1d, as upstream converts the head to SyncBatchNorm:
+    statistics over every rank's rows, so 2 ranks x 4 rows equal 1 process x 8 rows."""
+    for name, child in module.named_children():
+        if type(child) is nn.BatchNorm1d:
+            synced = SyncBatchNorm1d(child.num_features, child.eps, child.momentum, child.affine,
+                                     child.track_running_stats)
+            synced.load_state_dict(child.state_dict())
+            setattr(module, name, synced)
+        else:
+            _synced_batchnorms(child)
+    return module
+
+
+def _is_cross_modal(direction: str) -> bool:
+    teacher, student = parse_direction(direction)
+    return teacher != student
 
 
 def off_diagonal(x: torch.Tensor) -> torch.Tensor:
@@ -120,6 +190,7 @@ def model_spec(config: TrainingConfig) -> dict:
     """What fixes the model's shapes: saved in every checkpoint and compared on resume and in analysis."""
     m, d = config.model, config.data
     return {
+        "objective": m.objective, **_dino_spec(config),
         "mode": m.mode, "rgb_arch": m.rgb_arch, "ir_arch": m.ir_arch, "rgb_patch": m.rgb_patch, "ir_patch": m.ir_patch,
         "depth": m.depth, "expander": list(m.expander),
         "first_hw": list(tiled_size(d.rgb_size, m.rgb_patch, d.fit)),
@@ -128,8 +199,18 @@ def model_spec(config: TrainingConfig) -> dict:
     }
 
 
-def initial_model(config: TrainingConfig, spec: dict | None = None) -> VICReg:
+def _dino_spec(config: TrainingConfig) -> dict:
+    if config.model.objective != "dino":
+        return {}
+    d = config.dino
+    return {"head": [d.out_dim, d.hidden_dim, d.bottleneck_dim, d.nlayers, d.norm_last_layer, d.use_bn_in_head],
+            "modalities": list(config.modalities), "directions": list(d.directions)}
+
+
+def initial_model(config: TrainingConfig, spec: dict | None = None) -> VICReg | DINOModel:
     """The model a run starts from: seeded by train.seed, so analysis' random-init baseline is exactly it."""
     spec = model_spec(config) if spec is None else spec
     torch.manual_seed(config.train.seed)
+    if config.model.objective == "dino":
+        return DINOModel(config, tuple(spec["first_hw"]), tuple(spec["second_hw"]), tuple(spec["channels"]))
     return VICReg(config.model, tuple(spec["first_hw"]), tuple(spec["second_hw"]), tuple(spec["channels"]))

@@ -22,8 +22,17 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 
+def _terms(rows: list[dict]) -> list[tuple[str, str]]:
+    """(metrics key, legend label) of the loss's terms: VICReg's weighted terms, or DINO's per-direction losses."""
+    if "sim_weighted" in rows[0]:
+        return [(f"{term}_weighted", f"{term} (weighted)") for term in ("sim", "std", "cov")]
+    keys = dict.fromkeys(k for r in rows for k in r if k.startswith("loss_"))
+    return [(key, key.removeprefix("loss_")) for key in keys]
+
+
 def plot_loss(metrics: Path, out: Path) -> Path | None:
-    """Loss and its three weighted terms against the step, the learning rate beside; None if nothing was logged."""
+    """Loss and its terms (VICReg's three weighted ones, or DINO's loss per direction) against the step, the learning
+    rate beside; None if nothing was logged."""
     rows = [r for r in read_jsonl(metrics) if r.get("loss") is not None]
     if not rows:
         return None
@@ -37,10 +46,11 @@ def plot_loss(metrics: Path, out: Path) -> Path | None:
     steps = [r["step"] for r in rows]
     fig, (ax_loss, ax_lr) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [3, 1]})
     ax_loss.plot(steps, [r["loss"] for r in rows], label="loss", color="black", lw=2)
-    for term, colour in (("sim", "tab:blue"), ("std", "tab:orange"), ("cov", "tab:green")):
-        ax_loss.plot(steps, [r[f"{term}_weighted"] for r in rows], label=f"{term} (weighted)", color=colour, lw=1)
+    for (key, label), colour in zip(_terms(rows), ("tab:blue", "tab:orange", "tab:green", "tab:red")):
+        points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+        ax_loss.plot([s for s, _ in points], [v for _, v in points], label=label, color=colour, lw=1)
     ax_loss.set_xlabel("step")
-    ax_loss.set_ylabel("VICReg loss")
+    ax_loss.set_ylabel("DINO loss" if "sim_weighted" not in rows[0] else "VICReg loss")
     ax_loss.set_yscale("log" if min(r["loss"] for r in rows) > 0 else "linear")
     ax_loss.grid(alpha=0.3)
     ax_loss.legend(loc="upper right", fontsize=8)

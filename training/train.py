@@ -39,6 +39,14 @@ from training.checkpoint import (
     schedule_differences,
 )
 from training.config import TrainingConfig, config_toml
+from training.dino_step import (
+    DINOSchedules,
+    active_directions,
+    build_dino_optimizer,
+    dino_lr_per_256,
+    dino_step,
+    step_metrics,
+)
 from training.distributed import (
     Dist,
     abort,
@@ -54,6 +62,7 @@ from training.distributed import (
 from training.loader import (
     BatchViews,
     DevicePrefetcher,
+    MultiCropPlan,
     PairBatches,
     StepPlan,
     make_loader,
@@ -64,9 +73,12 @@ from training.model import ModelError, check_arch, embedding_std, initial_model,
 from training.optim import build_optimizer, lr_schedule
 from training.plots import plot_loss, read_jsonl
 
-__all__ = ["TrainingError", "RunPaths", "Plan", "preflight", "run_training", "vicreg_step", "EXIT_SIGNAL_BASE"]
+__all__ = ["TrainingError", "RunPaths", "Plan", "preflight", "run_training", "vicreg_step", "Trainer", "DINOTrainer",
+           "EXIT_SIGNAL_BASE"]
 
 FORMAT = "sagepairs-vicreg-1"
+DINO_FORMAT = "sagepairs-dino-1"
+FORMATS = {"vicreg": FORMAT, "dino": DINO_FORMAT}
 EXIT_SIGNAL_BASE = 128  # SIGTERM -> 143, SIGINT -> 130, as a shell reports a signalled process
 EXIT_NONFINITE = 3
 
@@ -131,9 +143,11 @@ def _first_line(text: str) -> str:
 
 def _schedule(config: TrainingConfig, world_size: int, selection: pa.Table) -> dict[str, Any]:
     o, t = config.optim, config.train
+    dino = config.model.objective == "dino"
     return {
-        "epochs": t.epochs, "global_batch": t.batch_size * world_size, "base_lr": o.lr_per_256,
-        "warmup_epochs": o.warmup_epochs, "final_lr_ratio": o.final_lr_ratio, "optimizer": o.name, "seed": t.seed,
+        "epochs": t.epochs, "global_batch": t.batch_size * world_size,
+        "base_lr": dino_lr_per_256(o) if dino else o.lr_per_256, "warmup_epochs": o.warmup_epochs,
+        "final_lr_ratio": o.final_lr_ratio, "optimizer": "adamw" if dino else o.name, "seed": t.seed,
         "n_samples": selection.num_rows, "selection_sha256": selection_fingerprint(selection),
         "ir_mean": config.data.ir_mean, "ir_std": config.data.ir_std,
     }
@@ -191,6 +205,8 @@ def preflight(config: TrainingConfig, world_size: int, new_schedule: bool = Fals
     except ModelError as exc:
         raise TrainingError(str(exc)) from None
     _check_sizes(config)
+    if config.model.objective == "dino" and d.decode != "cpu":
+        raise TrainingError("data.decode = 'gpu' is not available with model.objective = 'dino' (use 'cpu')")
     try:
         shard_cache(config.data, selection, max(config.data.workers, 1))
     except ValueError as exc:
@@ -203,9 +219,7 @@ def preflight(config: TrainingConfig, world_size: int, new_schedule: bool = Fals
             checkpoint = torch.load(paths.last, map_location="cpu", weights_only=True, mmap=True)
         except Exception as exc:  # noqa: BLE001
             raise TrainingError(f"{paths.last}: cannot be read ({type(exc).__name__}); move it away to start afresh") from None
-        if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT or not all(
-                key in checkpoint for key in ("step", "config", "schedule", "model_spec", "model", "optimizer")):
-            raise TrainingError(f"{paths.last}: not a complete sagepairs training checkpoint; move it away to start afresh")
+        _check_checkpoint(checkpoint, paths.last, config.model.objective)
         resume_from, start_step = str(paths.last), int(checkpoint["step"])
         saved = checkpoint["config"]["data"]
         if d.ir_mean is None and d.ir_std is None:
@@ -240,6 +254,18 @@ def preflight(config: TrainingConfig, world_size: int, new_schedule: bool = Fals
             start_step = epoch * new_spe + min(within * old["global_batch"] // new["global_batch"], new_spe)
         del checkpoint
     return Plan(config, selection, world_size, start_step, resume_from, schedule, spec)
+
+
+def _check_checkpoint(checkpoint: Any, path: Path, objective: str) -> None:
+    """A complete checkpoint of this objective, or TrainingError in one line."""
+    formats = {fmt: name for name, fmt in FORMATS.items()}
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") not in formats or not all(
+            key in checkpoint for key in ("step", "config", "schedule", "model_spec", "model", "optimizer")):
+        raise TrainingError(f"{path}: not a complete sagepairs training checkpoint; move it away to start afresh")
+    saved = formats[checkpoint["format"]]
+    if saved != objective:
+        raise TrainingError(f"{path} is a {saved} checkpoint; model.objective = {objective!r} cannot resume it "
+                            "(use another run.dir, or set model.objective back)")
 
 
 # -- the run -----------------------------------------------------------------------------------------------
@@ -323,7 +349,11 @@ class _RateWindow:
 
 
 class Trainer:
+    """VICReg's run; DINOTrainer overrides the model, the step and the metrics."""
+
     clock = staticmethod(time.monotonic)  # the time-based save's clock; each rank's own (see _flags)
+    format = FORMAT
+    crops: MultiCropPlan | None = None  # DINO's multi-crop batches; None: one pair of views per sample
 
     def __init__(self, plan: Plan, dist_info: Dist, argv: list[str] | None, progress: bool) -> None:
         self.plan, self.dist, self.argv, self.progress = plan, dist_info, argv, progress
@@ -344,21 +374,36 @@ class Trainer:
 
     # -- set-up --
     def build(self) -> None:
-        c, device = self.config, self.dist.device
-        model = initial_model(c, self.plan.model_spec).to(device)
-        self.optimizer = build_optimizer(model, c.optim, fused=device.type == "cuda")
+        """The model (resumed where the plan says), its optimiser, then what the objective steps with."""
+        model = initial_model(self.config, self.plan.model_spec).to(self.dist.device)
+        self.optimizer = self._optimizer_of(model)
         if self.plan.resume_from:
             state = load_checkpoint(Path(self.plan.resume_from))
             model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             del state
         self.model = model
-        self.ddp = (DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-                    if is_distributed() else model)
+        self._build_step()
+        self._share_cores()
+
+    def _optimizer_of(self, model: torch.nn.Module) -> torch.optim.Optimizer:
+        return build_optimizer(model, self.config.optim, fused=self.dist.device.type == "cuda")
+
+    def _build_step(self) -> None:
+        c, device = self.config, self.dist.device
+        self.ddp = (DistributedDataParallel(self.model, device_ids=[device] if device.type == "cuda" else None)
+                    if is_distributed() else self.model)
         self.lrs = lr_schedule(c.optim, self.steps.global_batch, self.steps.steps_per_epoch, c.train.epochs)
+        self._build_views()
+
+    def _build_views(self) -> None:
+        c = self.config
         self.views = BatchViews(c.data, c.model.mode, c.model.rgb_patch, c.model.ir_patch, c.data.ir_mean,
-                                c.data.ir_std, device)
-        if device.type == "cpu" and self.dist.world_size > 1:
+                                c.data.ir_std, self.dist.device)
+        self.prepare = self.views
+
+    def _share_cores(self) -> None:
+        if self.dist.device.type == "cpu" and self.dist.world_size > 1:
             # Ranks on one node share its cores; oversubscribed BLAS threads cost more than they give.
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.dist.local_size))
 
@@ -387,7 +432,7 @@ class Trainer:
     # -- checkpoints --
     def state(self, step: int) -> dict[str, Any]:
         return {
-            "format": FORMAT,
+            "format": self.format,
             "step": step,
             "epoch": step / self.steps.steps_per_epoch,
             "model": self.model.state_dict(),
@@ -427,7 +472,7 @@ class Trainer:
             return 0
         loader = self._open_loader(start, stop_at)
         self._announce(start)
-        prefetch = DevicePrefetcher(iter(loader), self.views, self.dist.device)
+        prefetch = DevicePrefetcher(iter(loader), self.prepare, self.dist.device)
         bar = self._progress_bar(start, stop_at)
         try:
             code = self._loop(prefetch, start, stop_at, bar)
@@ -443,14 +488,15 @@ class Trainer:
         c = self.config
         cache = shard_cache(c.data, self.plan.selection, max(c.data.workers, 1) * self.dist.local_size)
         reader = SelectionReader(self.plan.selection, catalog.dataset_ref(c.data.dataset), cache=cache)
-        batches = PairBatches(reader, self.steps, self.dist.rank, c.data, c.model.mode, start, stop_at, c.data.ir_mean)
+        batches = PairBatches(reader, self.steps, self.dist.rank, c.data, c.model.mode, start, stop_at, c.data.ir_mean,
+                              crops=self.crops)
         self.stop.install()  # before the workers fork, so they inherit it and are not killed mid-batch
         return make_loader(batches, c.data.workers, c.data.prefetch, pin_memory=self.dist.device.type == "cuda")
 
     def _announce(self, start: int) -> None:
         c, steps = self.config, self.steps
         self.log(
-            f"training {c.model.mode}: {self.plan.selection.num_rows} samples, {steps.steps_per_epoch} steps/epoch x "
+            f"training {c.model.mode}{' (DINO)' if c.model.objective == 'dino' else ''}: {self.plan.selection.num_rows} samples, {steps.steps_per_epoch} steps/epoch x "
             f"{c.train.epochs} epochs, global batch {steps.global_batch} on {self.dist.world_size} rank(s) "
             f"({self.dist.backend or 'single process'}, {self.dist.device}, {self.precision})"
             + (f"; resuming at step {start}" if start else "")
@@ -477,11 +523,11 @@ class Trainer:
         self.window = _RateWindow()
         step, pending, verdict = start, None, Verdict()
         while step < stop_at:
-            batch, (first, second) = next(prefetch)
+            batch, views = next(prefetch)
             if batch["step"] != step:
                 raise RuntimeError(f"loader gave step {batch['step']}, expected {step}")
             self.window.add_wait(prefetch.last_wait)  # the loader and the nvJPEG decode, not the other views
-            loss, terms, h_rgb, h_ir = self._optimise(step, first, second)
+            loss, outputs = self._optimise(step, views)
             # Read the previous step's verdict only now, so the GPU already has this step queued.
             previous, pending = pending, self._flags(step, loss)
             verdict = verdict.merge(self._settle(previous))
@@ -489,7 +535,7 @@ class Trainer:
                 return self._nonfinite(verdict.bad_step)
             if self.config.run.record_keys:
                 self._record_keys(step, batch["keys"])
-            self._maybe_log(step, start, stop_at, loss, terms, h_rgb, h_ir, bar)
+            self._maybe_log(step, start, stop_at, loss, outputs, bar)
             step += 1
             self.step = step
             if bar is not None:
@@ -500,18 +546,24 @@ class Trainer:
             pending = None if verdict.settled_through >= step - 1 else pending
         return None
 
-    def _optimise(self, step: int, first: torch.Tensor, second: torch.Tensor):
-        c = self.config
+    def _seed_step(self, step: int) -> None:
         # Model randomness (drop path) from (seed, step, rank): a resumed step draws what it would have.
-        torch.manual_seed((c.train.seed * 1_000_003 + step) * 4099 + self.dist.rank)
-        return vicreg_step(self.ddp, self.optimizer, first, second, float(self.lrs[step]), c.loss, self.autocast)
+        torch.manual_seed((self.config.train.seed * 1_000_003 + step) * 4099 + self.dist.rank)
 
-    def _maybe_log(self, step, start, stop_at, loss, terms, h_rgb, h_ir, bar) -> None:  # noqa: ANN001
+    def _optimise(self, step: int, views: tuple[torch.Tensor, ...]):
+        """(loss, what _log_metrics needs besides it)."""
+        self._seed_step(step)
+        first, second = views
+        loss, terms, h_rgb, h_ir = vicreg_step(self.ddp, self.optimizer, first, second, float(self.lrs[step]),
+                                               self.config.loss, self.autocast)
+        return loss, (terms, h_rgb, h_ir)
+
+    def _maybe_log(self, step, start, stop_at, loss, outputs, bar) -> None:  # noqa: ANN001
         self.window.add_step()
         if not (step == start or (step + 1) % self.config.train.log_every == 0 or step + 1 == stop_at):
             return
         rate, wait_share = self.window.rates(self.steps.global_batch)
-        self._log_metrics(step, loss, terms, h_rgb, h_ir, float(self.lrs[step]), rate, wait_share)
+        self._log_metrics(step, loss, outputs, float(self.lrs[step]), rate, wait_share)
         if bar is not None:
             bar.set_postfix(loss=f"{loss.item():.3f}", pairs_s=f"{rate:.0f}", wait=f"{100 * wait_share:.0f}%")
         self.window = _RateWindow()
@@ -587,7 +639,8 @@ class Trainer:
             with open(self.paths.keys, "a") as fh:
                 fh.write(json.dumps({"step": step, "keys": keys}) + "\n")
 
-    def _log_metrics(self, step, loss, terms, h_rgb, h_ir, lr, pairs_per_s, wait_share) -> None:  # noqa: ANN001
+    def _log_metrics(self, step, loss, outputs, lr, pairs_per_s, wait_share) -> None:  # noqa: ANN001
+        terms, h_rgb, h_ir = outputs
         values = torch.stack([loss.detach().float(), terms["sim"], terms["std"], terms["cov"],
                               embedding_std(h_rgb), embedding_std(h_ir)]).to(self.dist.device)
         values = all_mean(values).tolist()
@@ -601,9 +654,55 @@ class Trainer:
             "rgb_embedding_std": values[4], "ir_embedding_std": values[5], "lr": lr,
             "samples_per_s": round(pairs_per_s, 2), "data_wait": round(wait_share, 4), "time": time.time(),
         }
+        self._write_row(row)
+
+    def _write_row(self, row: dict[str, Any]) -> None:
         row = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}  # JSON has no NaN
         with open(self.paths.metrics, "a") as fh:
             fh.write(json.dumps(row) + "\n")
+
+
+class DINOTrainer(Trainer):
+    """Cross-modal DINO: each student in its own DDP wrapper, teachers and centres outside it, AdamW, schedules
+    indexed by the global step (so a resumed step uses the values it would have)."""
+
+    format = DINO_FORMAT
+
+    def _optimizer_of(self, model: torch.nn.Module) -> torch.optim.Optimizer:
+        return build_dino_optimizer(model, self.config.optim)
+
+    def _build_step(self) -> None:
+        c, device = self.config, self.dist.device
+        self.students = {name: (DistributedDataParallel(student, device_ids=[device] if device.type == "cuda" else None)
+                                if is_distributed() else student) for name, student in self.model.students.items()}
+        self.schedules = DINOSchedules.of(c, self.steps.global_batch, self.steps.steps_per_epoch)
+        self.lrs = self.schedules.lr
+        self.crops = MultiCropPlan.of(c)
+        self._build_views()
+        self.prepare = self.views.multicrop
+
+    def _optimise(self, step: int, views: tuple[torch.Tensor, ...]):
+        self._seed_step(step)
+        rgb_global, rgb_local, ir_global, ir_local = views
+        crops = {"rgb": [rgb_global, rgb_local] if len(rgb_local) else [rgb_global],
+                 "ir": [ir_global, ir_local] if len(ir_local) else [ir_global]}
+        directions = active_directions(self.config.dino, step)
+        result = dino_step(self.model, self.students, self.optimizer, crops, directions, step,
+                           step // self.steps.steps_per_epoch, self.schedules, self.config.dino, self.autocast)
+        return result.loss, result
+
+    def _log_metrics(self, step, loss, outputs, lr, pairs_per_s, wait_share) -> None:  # noqa: ANN001
+        named = step_metrics(self.model, outputs)
+        values = all_mean(torch.stack(list(named.values())).to(self.dist.device)).tolist()
+        if not self.dist.is_main:
+            return
+        epoch = step // self.steps.steps_per_epoch
+        any_loss = next(iter(self.model.losses.values()))
+        row = {"step": step, "epoch": epoch, **dict(zip(named, values)),
+               "teacher_temp": float(any_loss.teacher_temp_schedule[epoch]),
+               "momentum": float(self.schedules.momentum[step]), "weight_decay": float(self.schedules.weight_decay[step]),
+               "lr": lr, "samples_per_s": round(pairs_per_s, 2), "data_wait": round(wait_share, 4), "time": time.time()}
+        self._write_row(row)
 
 
 def vicreg_step(model, optimizer, first: torch.Tensor, second: torch.Tensor, lr: float, loss_config,
@@ -663,7 +762,7 @@ def _preflight_verdict(config: TrainingConfig, world_size: int, new_schedule: bo
 
 
 def _train(plan: Plan, dist_info: Dist, argv: list[str] | None, progress: bool, log) -> int:  # noqa: ANN001
-    trainer = Trainer(plan, dist_info, argv, progress)
+    trainer = (DINOTrainer if plan.config.model.objective == "dino" else Trainer)(plan, dist_info, argv, progress)
     try:
         trainer.build()
     except ModelError as exc:

@@ -33,7 +33,9 @@ __all__ = [
     "sample_rng",
     "random_resized_box",
     "draw_augment",
+    "draw_photometric",
     "decode_rgb_crop",
+    "decode_rgb_crops",
     "crop_ir",
     "rgb_to_float",
     "jitter_rgb",
@@ -96,6 +98,11 @@ def draw_augment(rng: np.random.Generator, data) -> Augment:
     """All random choices for one sample, drawn in a fixed order from its own generator (``data``: DataConfig)."""
     box = random_resized_box(rng, data.crop_scale, data.crop_ratio)
     flip = bool(rng.uniform() < data.hflip)
+    return draw_photometric(rng, data, box, flip)
+
+
+def draw_photometric(rng: np.random.Generator, data, box: tuple[float, float, float, float], flip: bool) -> Augment:
+    """The photometric draws of ``draw_augment`` (after its box and flip), in its order, for a given box and flip."""
     rgb = tuple(float(1 + rng.uniform(-a, a)) for a in (data.rgb_brightness, data.rgb_contrast, data.rgb_saturation))
     grey = tuple(float(1 + rng.uniform(-a, a)) for a in (data.rgb_brightness, data.rgb_contrast))
     gain = float(1 + rng.uniform(-data.ir_gain, data.ir_gain))
@@ -110,19 +117,37 @@ def decode_rgb_crop(jpeg: bytes, box: tuple[float, float, float, float], out_hw:
     The JPEG is decoded at the smallest DCT scale (1/1, 1/2, 1/4, 1/8) that still has at least the output's
     resolution inside the box (``Image.draft``), then cropped and resized in one antialiased step.
     """
+    return decode_rgb_crops(jpeg, [box], [out_hw], [flip])[0]
+
+
+def decode_rgb_crops(jpeg: bytes, boxes: list[tuple[float, float, float, float]], out_hws: list[tuple[int, int]],
+                     flips: list[bool]) -> list[np.ndarray]:
+    """Every ``boxes[i]`` of one JPEG resized to ``out_hws[i]`` (and flipped): the JPEG is decoded once.
+
+    The DCT scale is the smallest that has every crop's output resolution inside its box (see decode_rgb_crop).
+    """
     with Image.open(io.BytesIO(jpeg)) as image:
         width, height = image.size
-        x0, y0, x1, y1 = box
-        out_h, out_w = out_hw
-        need = (math.ceil(out_w / (x1 - x0)), math.ceil(out_h / (y1 - y0)))
-        image.draft("RGB", need)
+        need_w = max(math.ceil(out_w / (x1 - x0)) for (x0, _, x1, _), (_, out_w) in zip(boxes, out_hws))
+        need_h = max(math.ceil(out_h / (y1 - y0)) for (_, y0, _, y1), (out_h, _) in zip(boxes, out_hws))
+        image.draft("RGB", (need_w, need_h))
         sx, sy = image.size[0] / width, image.size[1] / height
         pixels = image.convert("RGB") if image.mode != "RGB" else image
-        px_box = (x0 * width * sx, y0 * height * sy, x1 * width * sx, y1 * height * sy)
-        out = pixels.resize((out_w, out_h), Image.Resampling.BILINEAR, box=px_box, reducing_gap=None)
-        if flip:  # in Pillow: numpy's copy of a reversed 3-byte-pixel view costs more than the resize
-            out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return np.asarray(out)
+        pixels.load()
+        return [_resize_box(pixels, box, out_hw, flip, (width, height), (sx, sy))
+                for box, out_hw, flip in zip(boxes, out_hws, flips, strict=True)]
+
+
+def _resize_box(pixels: Image.Image, box: tuple[float, float, float, float], out_hw: tuple[int, int], flip: bool,
+                size: tuple[int, int], draft_scale: tuple[float, float]) -> np.ndarray:
+    """One crop of a decoded (possibly DCT-downscaled by ``draft_scale``) image of original ``size`` (W, H)."""
+    (x0, y0, x1, y1), (width, height), (sx, sy) = box, size, draft_scale
+    out_h, out_w = out_hw
+    px_box = (x0 * width * sx, y0 * height * sy, x1 * width * sx, y1 * height * sy)
+    out = pixels.resize((out_w, out_h), Image.Resampling.BILINEAR, box=px_box, reducing_gap=None)
+    if flip:  # in Pillow: numpy's copy of a reversed 3-byte-pixel view costs more than the resize
+        out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return np.asarray(out)
 
 
 def crop_ir(
