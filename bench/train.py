@@ -14,6 +14,9 @@ size as from full frames: 672x504 JPEG q90 + 336x252 float32 IR). Page cache war
    which steal and neighbours move much less, is compared as well.
    Peak RSS per worker: VmHWM of the DataLoader worker processes (forked, so it counts the parent's pages they
    map), and their private memory at the end.
+   The same loader with DINO's multi-crop (``build_multicrop_batch``: the default [dino] section's 2 global and
+   8 local crops of every sample, cut from one decode of its JPEG and one read of its IR): samples/s and worker
+   CPU per sample, against the VICReg loader's (multi-crop makes each sample's work larger).
 2. A real `training run` (the CLI, in a subprocess) with a tiny model on the same dataset: median step time and
    median data-wait share from RUN/metrics.jsonl (first logged row, the warm-up, left out), with 2 workers (and
    1 with --one-worker). Target: data wait < 5%. The same loop is also run in this process with its parts timed
@@ -21,7 +24,7 @@ size as from full frames: 672x504 JPEG q90 + 336x252 float32 IR). Page cache war
    context the model step alone on random tensors. On 2 cores the workers and the model share the cores.
 Every part ends with the CPU that other processes took meanwhile (this VM may be shared).
 
-    python bench/train.py [--frames 600] [--quick] [--one-worker]
+    python bench/train.py [--frames 600] [--quick] [--one-worker] [--loader-only]
 """
 
 from __future__ import annotations
@@ -189,7 +192,25 @@ def limit(root: Path, processes: int, count: int, fill: float) -> tuple[float, f
 
 # -- the loader alone --------------------------------------------------------------------------------------------
 
-def loader_run(root: Path, table, fill: float, workers: int, epochs: int, skip: int) -> dict:
+def multicrop_plan():
+    """DINO's crops at the default sizes and the default [dino] section (2 global, 8 local crops per sample)."""
+    from training.config import TrainingConfig
+    from training.loader import MultiCropPlan
+
+    return MultiCropPlan.of(TrainingConfig())
+
+
+def _check_shapes(batch: dict, data, crops) -> None:
+    """The batch is the one asked for: whole frames at the default sizes, or every sample's multi-crop."""
+    if crops is None:
+        assert batch["rgb"].shape == (BATCH, *data.rgb_size, 3) and batch["ir"].shape == (BATCH, *data.ir_size)
+    else:
+        assert batch["rgb_global"].shape == (crops.n_global * BATCH, *data.rgb_size, 3)
+        assert batch["ir_local"].shape == (crops.n_local * BATCH, *crops.ir_local_hw)
+
+
+def loader_run(root: Path, table, fill: float, workers: int, epochs: int, skip: int, crops=None) -> dict:
+    """The loader alone over ``epochs``: VICReg's batches, or with ``crops`` (a MultiCropPlan) DINO's."""
     from shards.reader import SelectionReader
     from training.config import DataConfig
     from training.loader import PairBatches, StepPlan, make_loader
@@ -198,7 +219,8 @@ def loader_run(root: Path, table, fill: float, workers: int, epochs: int, skip: 
     # One epoch more than is counted, so that no worker runs out of steps (and idles, or exits) inside the window.
     plan = StepPlan(table.num_rows, BATCH, 1, 0, epochs + 1)
     counted = plan.steps_per_epoch * epochs
-    batches = PairBatches(SelectionReader(table, root), plan, 0, data, "rgb-ir", 0, plan.total_steps, fill)
+    batches = PairBatches(SelectionReader(table, root), plan, 0, data, "rgb-ir", 0, plan.total_steps, fill,
+                          crops=crops)
     before = set(_children())
     parent_rss_mb = _status_kb(os.getpid(), "VmRSS") / 1024
     loader = make_loader(batches, workers, data.prefetch, pin_memory=False)
@@ -206,7 +228,7 @@ def loader_run(root: Path, table, fill: float, workers: int, epochs: int, skip: 
     iterator = iter(loader)
     for i in range(counted):
         batch = next(iterator)
-        assert batch["rgb"].shape == (BATCH, *data.rgb_size, 3) and batch["ir"].shape == (BATCH, *data.ir_size)
+        _check_shapes(batch, data, crops)
         if i == skip:  # the workers are up and each has delivered a batch: count the batches after this one
             new = [p for p in _children() if p not in before]
             pids = [p for p in new if _comm(p) == "pt_data_worker"] or new  # torch names its workers
@@ -227,6 +249,19 @@ def loader_run(root: Path, table, fill: float, workers: int, epochs: int, skip: 
         "worker_cpu_share": worker_cpu / seconds / max(len(pids), 1), "hwm_mb": hwm, "private_mb": private,
         "parent_rss_mb": parent_rss_mb, "workers_seen": len(pids),
     }
+
+
+def multicrop_line(dino_runs: list[dict], vicreg: dict, crops, workers: int, epochs: int, steps: int) -> str:
+    """The multi-crop loader's figure next to the VICReg loader's best run."""
+    dino = max(dino_runs, key=lambda r: r["rate"])
+    rates = ", ".join(f"{r['rate']:.0f}" for r in dino_runs)
+    cpu, vicreg_cpu = dino["worker_cpu_per_sample"], vicreg["worker_cpu_per_sample"]
+    return (f"multi-crop (DINO) loader, {workers} workers, batch {BATCH}, {crops.n_global} global crops (RGB 240x320, "
+            f"IR 120x160) + {crops.n_local} local (RGB {crops.rgb_local_hw[0]}x{crops.rgb_local_hw[1]}, IR "
+            f"{crops.ir_local_hw[0]}x{crops.ir_local_hw[1]}) per sample, {epochs} epochs of {steps} steps: "
+            f"{dino['rate']:.0f} samples/s (best of {rates}) = {dino['rate'] / vicreg['rate']:.2f} of the VICReg loader's "
+            f"{vicreg['rate']:.0f}; {cpu * 1000:.2f} ms of worker CPU per sample = {cpu / vicreg_cpu:.2f} x the VICReg "
+            f"loader's {vicreg_cpu * 1000:.2f} ms")
 
 
 # -- the real run --------------------------------------------------------------------------------------------------
@@ -355,6 +390,8 @@ def main() -> None:
     parser.add_argument("--frames", type=int, help="frames per node, 2 nodes (default 600; 300 with --quick)")
     parser.add_argument("--quick", action="store_true", help="smaller dataset, fewer and shorter runs")
     parser.add_argument("--one-worker", action="store_true", help="also `training run` with data.workers=1")
+    parser.add_argument("--loader-only", action="store_true",
+                        help="part 1 only (the loaders alone), printed and not appended to bench/RESULTS.md")
     args = parser.parse_args()
     quick = args.quick
     frames = args.frames or (300 if quick else 600)
@@ -381,8 +418,11 @@ def main() -> None:
         together.append(limit(root, workers, limit_count, fill))
 
     measure_limits()
+    crops = multicrop_plan()
+    dino_runs = []
     for _ in range(repeats):
         runs.append(loader_run(root, table, fill, workers, epochs, skip))
+        dino_runs.append(loader_run(root, table, fill, workers, epochs, skip, crops))
         measure_limits()
     # Neighbours and steal only ever slow a measurement down, so the fastest of each is the closest to what this
     # machine can do (and the hardest limit to reach).
@@ -418,9 +458,12 @@ def main() -> None:
         f"on a CPU {best['worker_cpu_share']:.0%} of the time, the main process {best['main_cpu_share']:.0%}",
         f"peak RSS per worker (VmHWM): {hwm} MiB, of which private at the end {private} MiB (the rest: the parent's "
         f"pages, {best['parent_rss_mb']:.0f} MiB RSS at the fork, shared copy-on-write)",
+        multicrop_line(dino_runs, best, crops, workers, epochs, table.num_rows // BATCH),
         f"while the loader and limits ran, {neighbours.summary()}",
     ]
     print("\n".join(lines), flush=True)
+    if args.loader_only:
+        return
 
     # 2. A real run with a tiny model.
     neighbours = Neighbours()

@@ -32,7 +32,7 @@ def _candidates(value):
     if value is None:  # an optional number (ir_mean, ir_std)
         return [1.5, 2.5]
     if isinstance(value, str):
-        return [value + "x", "crop", "pad", "error", "cpu", "gpu", "rgb-grey", "ir3", "dino"]
+        return [value + "x", "crop", "pad", "error", "cpu", "gpu", "rgb-grey", "ir3", "frame", "dino"]
     if isinstance(value, tuple):
         options = []
         per_item = [_candidates(v) for v in value]

@@ -13,7 +13,10 @@ from __future__ import annotations
 import copy
 import io
 import math
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,6 +33,9 @@ from ingest.scene import SceneSpec, _clouds, _cloud_threshold, _elevation, _grid
 from ingest.synth import SynthConfig, plan_frames
 from training import dino
 from training.transforms import crop_ir, decode_rgb_crop, ir_bands, sample_rng
+
+ROOT = Path(__file__).resolve().parents[1]
+MPIEXEC = Path(sys.executable).parent / "mpiexec"
 
 
 # ==== upstream (facebookresearch/dino), verbatim ================================================================
@@ -455,6 +461,33 @@ def test_centre_is_the_mean_over_every_rank(tmp_path):
     for rank in range(2):
         centre = torch.load(tmp_path / f"centre.{rank}", weights_only=True)
         torch.testing.assert_close(centre, single.center, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.mpi
+def test_two_mpi_ranks_centre_as_one_process_and_differ_without_the_all_reduce(tmp_path):
+    sys.path.insert(0, str(ROOT / "tests"))
+    import mpi_dino_centre as check
+
+    out = tmp_path / "centre"
+    result = subprocess.run([str(MPIEXEC), "-n", "2", sys.executable, str(ROOT / "tests" / "mpi_dino_centre.py"),
+                             str(out)], capture_output=True, text=True, timeout=180, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [torch.load(f"{out}.{rank}", weights_only=True) for rank in range(2)]
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    single = check.run(0, 1)  # no process group here: one process, every row
+    for step in range(check.STEPS):
+        mean_loss = sum(r["reduced"]["losses"][step] for r in ranks) / 2  # what training logs: the mean over ranks
+        torch.testing.assert_close(mean_loss, single["losses"][step], rtol=1e-5, atol=0)
+        for r in ranks:
+            torch.testing.assert_close(r["reduced"]["centres"][step], single["centres"][step], rtol=1e-5, atol=1e-7)
+    # The control: each rank centres on its own half, so the centres differ from the whole batch's and each other's,
+    # and so does the loss of the second step, the first to subtract a centre (the first centre is 0).
+    for step in range(check.STEPS):
+        for r in ranks:
+            assert (r["control"]["centres"][step] - single["centres"][step]).norm() > 0.1 * single["centres"][step].norm()
+        assert (ranks[0]["control"]["centres"][step] - ranks[1]["control"]["centres"][step]).norm() > 0.1
+    control_loss = sum(r["control"]["losses"][1] for r in ranks) / 2
+    assert abs(control_loss.item() - single["losses"][1].item()) > 1e-3 * abs(single["losses"][1].item())
 
 
 # -- schedules -------------------------------------------------------------------------------------------------

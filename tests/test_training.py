@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import catalog
+from shards.layout import ir_celsius
 from shards.reader import SelectionReader, read_selection
 from training.config import (
     DataConfig,
@@ -29,6 +30,7 @@ from training.config import (
     load_training_config,
     parse_set,
 )
+from training.dino import frame_reference_c, ir3_band_index, ir3_relative
 from training.loader import BatchViews, PairBatches, StepPlan, make_loader
 from training.model import vicreg_loss
 from training.optim import LARS, build_optimizer, lr_schedule
@@ -37,6 +39,7 @@ from training.transforms import (
     crop_ir,
     decode_rgb_crop,
     draw_augment,
+    ir_bands,
     luma,
     random_resized_box,
     sample_rng,
@@ -257,9 +260,9 @@ def test_a_global_step_sees_the_same_samples_whatever_the_number_of_ranks():
     assert not np.array_equal(one.global_rows(0), one.global_rows(one.steps_per_epoch))  # epochs differ
 
 
-def _batches(built, workers: int, decode: str = "cpu", mode: str = "rgb-ir", steps: int = 4):
+def _batches(built, workers: int, decode: str = "cpu", mode: str = "rgb-ir", steps: int = 4, **data_fields):
     table = catalog.open(built).select("TRUE")
-    data = DataConfig(dataset=str(built), ir_size=(32, 48), workers=workers, decode=decode)
+    data = DataConfig(dataset=str(built), ir_size=(32, 48), workers=workers, decode=decode, **data_fields)
     plan = StepPlan(table.num_rows, 4, 1, seed=5, epochs=2)
     batches = PairBatches(SelectionReader(table, built), plan, 0, data, mode, 1, 1 + steps, ir_fill_c=5.0)
     return list(make_loader(batches, workers, 2, pin_memory=False)), data
@@ -400,6 +403,43 @@ def test_ir3_bands_and_patch_fitting(built):
     top, left = (40 - 32) // 2, (50 - 48) // 2  # centred, zeros around
     assert torch.allclose(second[:, 0, top : top + 32, left : left + 48] * 10 + 5, celsius.clamp(max=lower), atol=1e-4)
     assert torch.all(second[:, :, :top] == 0)
+
+
+def test_ir3_fixed_is_the_fixed_bands_bit_for_bit_and_carries_no_reference(built):
+    (batch,), data = _batches(built, workers=0, mode="ir3", steps=1)
+    assert data.ir3_reference == "fixed"
+    assert set(batch) == {"keys", "ir", "rgb", "rgb_jitter", "grey_jitter", "step", "epoch"}
+    _, second = BatchViews(data, "ir3", 16, 8, 5.0, 10.0, torch.device("cpu"))(batch)
+    assert torch.equal(second, ir_bands(batch["ir"], data.ir3_bounds, 5.0, 10.0))
+
+
+def test_ir3_relative_to_the_frame_takes_each_whole_frame_reference(built):
+    (fixed,), _ = _batches(built, workers=0, mode="ir3", steps=1)
+    (batch,), data = _batches(built, workers=0, mode="ir3", steps=1, ir3_reference="frame", ir3_offsets_c=(-30.0, -5.0))
+    table = catalog.open(built).select("TRUE")
+    samples = {s["__key__"]: s for s in SelectionReader(table, built).iter_rows(np.arange(table.num_rows))}
+    # The reference is the whole frame's (before crop and jitter): the crops themselves are those of 'fixed'.
+    expected = [frame_reference_c(ir_celsius(samples[key]), fallback_c=5.0) for key in batch["keys"]]
+    assert batch["ir_reference_c"].dtype == torch.float32 and batch["ir_reference_c"].shape == (4,)
+    assert batch["ir_reference_c"].tolist() == pytest.approx(expected, rel=1e-6)
+    assert torch.equal(batch["ir"], fixed["ir"])
+    views = BatchViews(data, "ir3", 16, 8, 5.0, 10.0, torch.device("cpu"))
+    _, second = views(batch)
+    assert torch.equal(second, ir3_relative(batch["ir"], batch["ir_reference_c"], (-30.0, -5.0)))
+    # Each pixel's value lies in its own band's channel: below ref - 30 in the first, above ref - 5 in the last.
+    band = ir3_band_index(batch["ir"], batch["ir_reference_c"], (-30.0, -5.0))
+    assert set(band.unique().tolist()) == {0, 1, 2}
+    assert torch.all((second[:, 0] < -1) == (band == 0)) and torch.all((second[:, 2] > 1) == (band == 2))
+    batch["ir"][0, :5] = float("nan")  # a hole the fill missed still gives finite inputs
+    assert torch.isfinite(views(batch)[1]).all()
+    with pytest.raises(ValueError, match="ir_reference_c"):
+        views({k: v for k, v in batch.items() if k != "ir_reference_c"})
+
+
+@pytest.mark.parametrize(("field", "value"), [("ir3_reference", "air"), ("ir3_offsets_c", (-2.0, -45.0))])
+def test_bad_ir3_reference_settings_are_refused(field, value):
+    with pytest.raises(ValueError, match=f"data.{field}"):
+        DataConfig(**{field: value})
 
 
 def test_read_selection_composes_like_webdataset(built):

@@ -18,7 +18,7 @@ from shards.layout import ir_celsius
 from shards.reader import SelectionReader
 from training import transforms
 from training.config import load_training_config
-from training.dino import cosine_schedule, draw_multicrop
+from training.dino import cosine_schedule, draw_multicrop, frame_reference_c, ir3_relative
 from training.dino_step import DINOSchedules, active_directions, build_dino_optimizer, dino_step
 from training.loader import BatchViews, MultiCropPlan, PairBatches, StepPlan, make_loader
 from training.model import initial_model, view_channels
@@ -248,12 +248,14 @@ def test_analysis_embed_on_a_dino_run_embeds_the_teacher_backbones(dino_config, 
 
 # -- multi-crop batches ----------------------------------------------------------------------------------------------
 
-def _multicrop_batches(built, workers: int, steps: int = 2) -> tuple[list[dict], object, object]:
+def _multicrop_batches(built, workers: int, steps: int = 2, mode: str = "rgb-ir",
+                       sets: tuple[str, ...] = ()) -> tuple[list[dict], object, object]:
     table = catalog.open(built).select("TRUE")
-    config = load_training_config(None, [DINO, f"data.dataset={built}", "data.ir_size=[32, 48]", "dino.local_crops_number=2"])
+    config = load_training_config(None, [DINO, f"data.dataset={built}", "data.ir_size=[32, 48]", "dino.local_crops_number=2",
+                                         *sets])
     plan = StepPlan(table.num_rows, 4, 1, seed=5, epochs=2)
     crops = MultiCropPlan.of(config)
-    batches = PairBatches(SelectionReader(table, built), plan, 0, config.data, "rgb-ir", 1, 1 + steps, ir_fill_c=5.0,
+    batches = PairBatches(SelectionReader(table, built), plan, 0, config.data, mode, 1, 1 + steps, ir_fill_c=5.0,
                           crops=crops)
     return list(make_loader(batches, workers, 2, pin_memory=False)), config, crops
 
@@ -305,6 +307,34 @@ def test_multicrop_views_of_every_mode_fit_their_branches(built, mode):
     assert second_global.shape == (2 * n, second_ch, 32, 48)
     assert second_local.shape == (2 * n, second_ch, *crops.ir_local_hw)
     assert all(torch.isfinite(t).all() for t in (first_global, first_local, second_global, second_local))
+
+
+def test_multicrop_ir3_relative_to_the_frame_gives_every_crop_its_sample_reference(built):
+    (batch,), config, crops = _multicrop_batches(built, workers=0, steps=1, mode="ir3",
+                                                 sets=("data.ir3_reference=frame",))
+    (fixed,), _, _ = _multicrop_batches(built, workers=0, steps=1, mode="ir3")
+    assert "ir_reference_c" not in fixed and torch.equal(batch["ir_global"], fixed["ir_global"])
+    table = catalog.open(built).select("TRUE")
+    samples = {s["__key__"]: s for s in SelectionReader(table, built).iter_rows(np.arange(table.num_rows))}
+    expected = [frame_reference_c(ir_celsius(samples[key]), fallback_c=5.0) for key in batch["keys"]]
+    assert batch["ir_reference_c"].tolist() == pytest.approx(expected, rel=1e-6)
+    views = BatchViews(config.data, "ir3", 16, 8, 5.0, 10.0, torch.device("cpu"))
+    _, _, second_global, second_local = views.multicrop(batch)
+    reference = batch["ir_reference_c"].repeat(2)  # crop-major rows: crop c of sample i is row c x N + i
+    offsets = config.data.ir3_offsets_c
+    assert torch.equal(second_global, ir3_relative(batch["ir_global"], reference, offsets))
+    assert torch.equal(second_local, ir3_relative(batch["ir_local"], reference, offsets))
+    assert torch.isfinite(second_global).all() and torch.isfinite(second_local).all()
+
+
+@pytest.mark.parametrize("objective", ["dino", "vicreg"])
+def test_a_run_in_ir3_relative_to_the_frame_trains_and_records_it(dino_config, tmp_path, objective):
+    result = run_cli(dino_config, f"model.objective={objective}", "model.mode=ir3", "data.ir3_reference=frame",
+                     "data.ir3_offsets_c=[-40.0, -3.0]", "train.max_steps=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert np.isfinite(metrics(tmp_path / "run")[0]["loss"])
+    recorded = load_training_config(str(tmp_path / "run" / "config.toml"))
+    assert (recorded.data.ir3_reference, recorded.data.ir3_offsets_c) == ("frame", (-40.0, -3.0))
 
 
 @pytest.mark.slow

@@ -28,6 +28,7 @@ __all__ = [
     "TrainingConfig",
     "MODES",
     "OBJECTIVES",
+    "IR3_REFERENCES",
     "MODALITIES",
     "parse_direction",
     "parse_set",
@@ -39,6 +40,7 @@ __all__ = [
 
 MODES = ("rgb-ir", "rgb-grey", "grey-ir", "ir3")
 OBJECTIVES = ("vicreg", "dino")
+IR3_REFERENCES = ("fixed", "frame")  # what mode ir3's band edges are relative to: 0 degrees C, or the frame
 MODALITIES = ("rgb", "ir")  # DINO's names of the two branches: rgb takes the first view, ir the second
 
 
@@ -71,7 +73,9 @@ class DataConfig:
     ir_noise_c: float = _f(0.1, "IR per-pixel sensor noise in degrees C (std)")
     ir_mean: float | None = _f(None, "IR normalisation mean in degrees C; unset: computed from the catalog over the selection and recorded here")
     ir_std: float | None = _f(None, "IR normalisation std in degrees C; unset: computed like ir_mean")
-    ir3_bounds: tuple[float, float] = _f((-20.0, 10.0), "mode ir3: degrees C splitting IR into 3 channels (<= lower, between, > upper), each clamped to its band")
+    ir3_bounds: tuple[float, float] = _f((-20.0, 10.0), "mode ir3, ir3_reference 'fixed': degrees C splitting IR into 3 channels (<= lower, between, > upper), each clamped to its band")
+    ir3_reference: str = _f("fixed", "mode ir3: 'fixed' (band edges at ir3_bounds, standardised by ir_mean and ir_std) or 'frame' (edges at reference + ir3_offsets_c, reference = the 95th percentile of the whole frame's finite pixels, so a cloud lands in one band at any air temperature)")
+    ir3_offsets_c: tuple[float, float] = _f((-45.0, -2.0), "mode ir3, ir3_reference 'frame': [lower, upper] band edges in degrees C relative to the frame's reference")
 
     def __post_init__(self) -> None:
         if len(self.ir_size) != 2 or min(self.ir_size) < 8:
@@ -95,6 +99,10 @@ class DataConfig:
             raise ValueError(f"data.ir_std must be > 0, got {self.ir_std}")
         if not self.ir3_bounds[0] < self.ir3_bounds[1]:
             raise ValueError(f"data.ir3_bounds must be [lower, upper] with lower < upper, got {list(self.ir3_bounds)}")
+        if self.ir3_reference not in IR3_REFERENCES:
+            raise ValueError(f"data.ir3_reference must be one of {', '.join(IR3_REFERENCES)}, got {self.ir3_reference!r}")
+        if len(self.ir3_offsets_c) != 2 or not self.ir3_offsets_c[0] < self.ir3_offsets_c[1]:
+            raise ValueError(f"data.ir3_offsets_c must be [lower, upper] with lower < upper, got {list(self.ir3_offsets_c)}")
 
     @property
     def rgb_size(self) -> tuple[int, int]:

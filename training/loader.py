@@ -36,7 +36,7 @@ from shards.cache import ShardCache, check_limit, parse_size
 from shards.layout import ir_celsius
 from shards.reader import SelectionReader, epoch_order
 from training.config import DataConfig, TrainingConfig
-from training.dino import draw_multicrop, local_crop_hw
+from training.dino import draw_multicrop, frame_reference_c, ir3_relative, local_crop_hw
 from training.transforms import (
     Augment,
     crop_ir,
@@ -129,7 +129,9 @@ class PairBatches(IterableDataset):
 
     A batch is a dict: ``step``, ``epoch``, ``keys``; ``rgb`` uint8 N x H x W x 3 (``decode='cpu'``) or the
     batch's JPEG bytes as one uint8 tensor with ``jpeg_offsets``, ``boxes`` and ``flip`` (``decode='gpu'``);
-    ``ir`` float32 N x h x w in degrees C (cropped, jittered); ``rgb_jitter`` N x 3, ``grey_jitter`` N x 2.
+    ``ir`` float32 N x h x w in degrees C (cropped, jittered); ``rgb_jitter`` N x 3, ``grey_jitter`` N x 2; in mode
+    ir3 with ``data.ir3_reference = 'frame'``, ``ir_reference_c`` float32 N, each frame's reference (before any crop
+    or jitter, so the crop decides nothing about it).
     With ``crops`` (DINO) a batch is ``build_multicrop_batch``'s instead.
     """
 
@@ -215,6 +217,7 @@ def build_batch(reader: SelectionReader, rows: np.ndarray, data: DataConfig, mod
     ir.fill(0)
     rgb_jitter = np.empty((n, 3), dtype=np.float32)
     grey_jitter = np.empty((n, 2), dtype=np.float32)
+    references = np.zeros(n, dtype=np.float32) if frame_referenced(data, mode) else None
     for i, sample in enumerate(reader.iter_rows(rows)):
         key = sample["__key__"]
         aug = augment_of(key)
@@ -227,6 +230,8 @@ def build_batch(reader: SelectionReader, rows: np.ndarray, data: DataConfig, mod
             jpegs.append(sample["rgb.jpg"])
         if need_ir:
             celsius = ir_celsius(sample)
+            if references is not None:
+                references[i] = frame_reference_c(celsius, fallback_c=ir_fill_c)
             ir[i] = crop_ir(celsius, aug.box, ir_hw, aug.flip, ir_fill_c, aug.ir_gain, aug.ir_offset_c,
                             ir_noise_c, aug.noise_seed)
     batch = {
@@ -235,6 +240,8 @@ def build_batch(reader: SelectionReader, rows: np.ndarray, data: DataConfig, mod
         "rgb_jitter": torch.from_numpy(rgb_jitter),
         "grey_jitter": torch.from_numpy(grey_jitter),
     }
+    if references is not None:
+        batch["ir_reference_c"] = torch.from_numpy(references)
     if rgb_tensor is not None:
         batch["rgb"] = rgb_tensor
     else:
@@ -260,7 +267,8 @@ def build_multicrop_batch(reader: SelectionReader, rows: np.ndarray, data: DataC
 
     Crop-major rows, as DINOLoss chunks them: ``rgb_global`` uint8 (n_global x N) x H x W x 3 (row c x N + i is
     crop c of sample i), ``rgb_local`` likewise at the local size, ``ir_global``/``ir_local`` float32 degrees C,
-    ``rgb_jitter`` ((n_global + n_local) x N) x 3 and ``grey_jitter`` x 2 (globals' rows first).
+    ``rgb_jitter`` ((n_global + n_local) x N) x 3 and ``grey_jitter`` x 2 (globals' rows first); ``ir_reference_c``
+    float32 N (one per sample, every crop shares it) as in ``build_batch``.
     """
     n, n_crops = len(rows), crops.n_global + crops.n_local
     ir_local_hw = crops.ir_local_hw
@@ -276,6 +284,7 @@ def build_multicrop_batch(reader: SelectionReader, rows: np.ndarray, data: DataC
     rgb_jitter = np.empty((n_crops * n, 3), dtype=np.float32)
     grey_jitter = np.empty((n_crops * n, 2), dtype=np.float32)
     keys: list[str] = []
+    references = np.zeros(n, dtype=np.float32) if frame_referenced(data, mode) else None
     for i, sample in enumerate(reader.iter_rows(rows)):
         key = sample["__key__"]
         keys.append(key)
@@ -286,6 +295,8 @@ def build_multicrop_batch(reader: SelectionReader, rows: np.ndarray, data: DataC
         rgbs = decode_rgb_crops(sample["rgb.jpg"], list(multicrop.boxes), [rgb for rgb, _ in sizes],
                                 list(multicrop.flips))
         celsius = ir_celsius(sample) if mode != "rgb-grey" else None
+        if references is not None:
+            references[i] = frame_reference_c(celsius, fallback_c=ir_fill_c)
         for c, (aug, rgb) in enumerate(zip(augments, rgbs)):
             scope, row = ("global", c * n + i) if c < crops.n_global else ("local", (c - crops.n_global) * n + i)
             out[f"rgb_{scope}"].numpy()[row] = rgb
@@ -294,7 +305,14 @@ def build_multicrop_batch(reader: SelectionReader, rows: np.ndarray, data: DataC
                 out[f"ir_{scope}"].numpy()[row] = crop_ir(celsius, aug.box, sizes[c][1], aug.flip, ir_fill_c,
                                                           aug.ir_gain, aug.ir_offset_c, ir_noise_c, aug.noise_seed)
     out.update(keys=keys, rgb_jitter=torch.from_numpy(rgb_jitter), grey_jitter=torch.from_numpy(grey_jitter))
+    if references is not None:
+        out["ir_reference_c"] = torch.from_numpy(references)
     return out
+
+
+def frame_referenced(data: DataConfig, mode: str) -> bool:
+    """Whether the views need each sample's IR reference (``frame_reference_c`` of its whole, uncropped frame)."""
+    return mode == "ir3" and data.ir3_reference == "frame"
 
 
 def _batch_buffer(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -371,25 +389,28 @@ class BatchViews:
 
     def __call__(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         first, second = self._views(self.rgb(batch), batch["ir"], batch["rgb_jitter"], batch["grey_jitter"],
-                                    self.data.ir_size)
+                                    self.data.ir_size, batch.get("ir_reference_c"))
         return fit_to_grid(first, self.first_hw), fit_to_grid(second, self.second_hw)
 
     def multicrop(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """A ``build_multicrop_batch`` batch's (first global, first local, second global, second local) views."""
-        n_global = len(batch["rgb_global"])
+        n_global, n_local = len(batch["rgb_global"]), len(batch["rgb_local"])
         rgb_jitter, grey_jitter = batch["rgb_jitter"], batch["grey_jitter"]
+        reference = batch.get("ir_reference_c")
         first_global, second_global = self._views(
             rgb_to_float(batch["rgb_global"].to(self.device, non_blocking=True)), batch["ir_global"],
-            rgb_jitter[:n_global], grey_jitter[:n_global], self.data.ir_size)
+            rgb_jitter[:n_global], grey_jitter[:n_global], self.data.ir_size, _per_crop(reference, n_global))
         first_local, second_local = self._views(
             rgb_to_float(batch["rgb_local"].to(self.device, non_blocking=True)), batch["ir_local"],
-            rgb_jitter[n_global:], grey_jitter[n_global:], tuple(batch["ir_local"].shape[-2:]))
+            rgb_jitter[n_global:], grey_jitter[n_global:], tuple(batch["ir_local"].shape[-2:]),
+            _per_crop(reference, n_local))
         return (fit_to_grid(first_global, self.first_hw), first_local, fit_to_grid(second_global, self.second_hw),
                 second_local)
 
     def _views(self, rgb: torch.Tensor, ir_celsius: torch.Tensor, rgb_jitter: torch.Tensor, grey_jitter: torch.Tensor,
-               ir_hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The mode's two views of float RGB crops and their IR crops (degrees C); ``ir_hw``: rgb-grey's IR size."""
+               ir_hw: tuple[int, int], reference_c: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mode's two views of float RGB crops and their IR crops (degrees C); ``ir_hw``: rgb-grey's IR size;
+        ``reference_c``: each crop's frame reference (``ir_reference_c``), for ir3 relative to the frame."""
         rgb_jitter = rgb_jitter.to(self.device, non_blocking=True)
         grey_jitter = grey_jitter.to(self.device, non_blocking=True)
         if self.mode == "grey-ir":
@@ -402,8 +423,21 @@ class BatchViews:
             return first, jitter_grey(small, grey_jitter)
         celsius = ir_celsius.to(self.device, non_blocking=True)
         if self.mode == "ir3":
-            return first, ir_bands(celsius, self.data.ir3_bounds, self.ir_mean_c, self.ir_std_c)
+            return first, self._ir3(celsius, reference_c)
         return first, normalise_ir(celsius, self.ir_mean_c, self.ir_std_c)
+
+    def _ir3(self, celsius: torch.Tensor, reference_c: torch.Tensor | None) -> torch.Tensor:
+        """Mode ir3's view: bands at fixed degrees (standardised), or relative to each frame's reference."""
+        if self.data.ir3_reference == "fixed":
+            return ir_bands(celsius, self.data.ir3_bounds, self.ir_mean_c, self.ir_std_c)
+        if reference_c is None:
+            raise ValueError("data.ir3_reference = 'frame' needs the batch's ir_reference_c (build_batch makes it)")
+        return ir3_relative(celsius, reference_c.to(self.device, non_blocking=True), self.data.ir3_offsets_c)
+
+
+def _per_crop(reference_c: torch.Tensor | None, rows: int) -> torch.Tensor | None:
+    """Each sample's reference for crop-major rows (row c x N + i is sample i), as ``build_multicrop_batch`` lays them."""
+    return None if reference_c is None else reference_c.repeat(rows // len(reference_c))
 
 
 def decode_crop_on_device(batch: dict, out_hw: tuple[int, int], device: torch.device) -> torch.Tensor:
