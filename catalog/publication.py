@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from catalog.storage import Storage, StorageError, file_sha256, run, storage
+from catalog.storage import Storage, StorageError, bytes_match, file_sha256, run, storage
 from catalog.store import DatasetLayout
 
 __all__ = ["MANIFEST", "Manifest", "ObjectEntry", "PublishPlan", "plan_publish", "publish", "read_manifest",
@@ -179,7 +179,7 @@ async def _upload(store: Storage, obj: LocalObject, gate: asyncio.Semaphore, pro
     async with gate:
         if obj.size <= _CHUNK:
             data = obj.path.read_bytes()
-            if len(data) != obj.size or hashlib.sha256(data).hexdigest() != obj.sha256:
+            if not bytes_match(data, obj.size, obj.sha256):
                 raise PublishError(f"{obj.path}: does not match the catalog's size and sha256; run `shards verify`")
             await store.write_async(obj.key, data)
             progress(obj.size)
@@ -193,7 +193,7 @@ async def _upload(store: Storage, obj: LocalObject, gate: asyncio.Semaphore, pro
 async def _matches(store: Storage, obj: LocalObject, gate: asyncio.Semaphore) -> bool:
     async with gate:
         data = await store.read_async(obj.key)
-    return len(data) == obj.size and hashlib.sha256(data).hexdigest() == obj.sha256
+    return bytes_match(data, obj.size, obj.sha256)
 
 
 async def _move(store: Storage, plan: PublishPlan, progress: Callable[[int], None]) -> int:

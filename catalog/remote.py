@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 from catalog.publication import MANIFEST, Manifest, ObjectEntry
-from catalog.storage import Storage, StorageError, cache_root, run, storage
+from catalog.storage import Storage, StorageError, bytes_match, cache_root, run, storage
 
 __all__ = ["fetch_catalog", "cached_object"]
 
@@ -47,7 +47,7 @@ async def _fetch_part(store: Storage, entry: ObjectEntry, cache: Path, gate: asy
         return
     async with gate:
         data = await store.read_async(entry.key)
-    if len(data) != entry.size or hashlib.sha256(data).hexdigest() != entry.sha256:
+    if not bytes_match(data, entry.size, entry.sha256):
         raise StorageError(f"{store.object_url(entry.key)}: {len(data)} bytes that do not match the manifest's size "
                            "and sha256 (corrupt, or changed after publishing); republish the dataset")
     _write_atomically(target, data)

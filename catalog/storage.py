@@ -56,6 +56,7 @@ __all__ = [
     "submit",
     "cache_root",
     "file_sha256",
+    "bytes_match",
     "forget_clients",
 ]
 
@@ -112,6 +113,11 @@ def file_sha256(path: Path, chunk: int = 8 << 20) -> str:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def bytes_match(data: bytes | memoryview, size: int, sha256: str) -> bool:
+    """``data`` is ``size`` bytes with this sha256: what a manifest or the catalog says an object holds."""
+    return len(data) == size and hashlib.sha256(data).hexdigest() == sha256
 
 
 def cache_root() -> Path:

@@ -117,6 +117,7 @@ class SelectionReader:
     _column_cache: dict[str, np.ndarray] | None = field(default=None, init=False, repr=False, compare=False)
     # Fetches started by prefetch(rows), by the rows' bytes, for iter_rows(rows) to take (a published dataset).
     _ahead: dict[bytes, Future] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _shards_bytes: int | None = field(default=None, init=False, repr=False, compare=False)  # all its shards, once
 
     def order(self) -> np.ndarray:
         """The global sample order: a function of (seed, epoch, selection) only."""
@@ -235,8 +236,10 @@ class SelectionReader:
         disk after (the anchors' download-once, for multi-epoch runs); otherwise only what is wanted comes."""
         if self.cache is None:
             return self.scan_fraction
-        _, first = np.unique(columns["shard"], return_index=True)
-        return 0.0 if int(columns["shard_bytes"][first].sum()) <= self.cache.limit_bytes else self.scan_fraction
+        if self._shards_bytes is None:  # once per process, not per batch: it looks at the whole Selection
+            _, first = np.unique(columns["shard"], return_index=True)
+            self._shards_bytes = int(columns["shard_bytes"][first].sum())
+        return 0.0 if self._shards_bytes <= self.cache.limit_bytes else self.scan_fraction
 
 
 def _runs(rows: np.ndarray, shards: np.ndarray) -> list[tuple[str, np.ndarray]]:
