@@ -50,6 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("runs", nargs="+", help="RUN directories (each analysed, e.g. by `analysis all`)")
     compare.add_argument("--checkpoint", default="last")
     compare.add_argument("--out", help="also write compare.html and compare.md here")
+    compare.add_argument("--no-baseline", action="store_true", help="leave out each run's random-init model")
     return parser
 
 
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "compare":
             from analysis.compare import compare_runs
 
-            text = compare_runs(args.runs, args.checkpoint, args.out)
+            text = compare_runs(args.runs, args.checkpoint, args.out, baseline=not args.no_baseline)
             sys.stdout.write(text)
             return 0
         from analysis.config import load_analysis_config

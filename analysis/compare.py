@@ -7,30 +7,42 @@ import html
 from pathlib import Path
 
 from analysis.report import summary_rows
-from analysis.runs import AnalysisError, RunDir
+from analysis.runs import RANDOM, AnalysisError, RunDir
 from analysis.store import read_json
 
 __all__ = ["compare_runs"]
 
 
-def _label(run: RunDir) -> str:
-    config = run.training_config()
-    return f"{run.root.name} ({config.model.mode})"
+RESULTS = ("knn", "retrieval", "cluster")
 
 
-def compare_runs(run_dirs: list[str], checkpoint: str = "last", out: str | None = None) -> str:
+def _label(run: RunDir, full_path: bool = False) -> str:
+    model = run.training_config().model
+    return f"{run.root if full_path else run.root.name} ({model.objective}, {model.mode})"
+
+
+def _loaded(run: RunDir, checkpoint: str) -> dict[str, dict]:
+    results = run.results(checkpoint)
+    return {name: read_json(results / f"{name}.json") or {} for name in RESULTS}
+
+
+def compare_runs(run_dirs: list[str], checkpoint: str = "last", out: str | None = None, baseline: bool = True) -> str:
+    """The runs' ``checkpoint`` metrics side by side; with ``baseline``, each run's random-init model beside it
+    where `analysis all` measured one (the bar a trained model has to clear)."""
     runs = [RunDir.open(path) for path in run_dirs]
     columns: dict[str, dict] = {}
     agreement_rows: list[list[str]] = []
     for run in runs:
-        results = run.results(checkpoint)
-        loaded = {name: read_json(results / f"{name}.json") or {} for name in ("knn", "retrieval", "cluster")}
+        loaded = _loaded(run, checkpoint)
         if not any(loaded.values()):
             raise AnalysisError(f"{run.root}: no analysis results for {checkpoint!r} (run `analysis all {run.root}`)")
         label = _label(run)
         if label in columns:
-            label = f"{run.root} ({run.training_config().model.mode})"
+            label = _label(run, full_path=True)
         columns[label] = loaded
+        random = _loaded(run, RANDOM) if baseline and checkpoint != RANDOM else {}
+        if any(random.values()):
+            columns[f"{label} random init"] = random
         for pair, values in loaded["cluster"].get("agreement", {}).items():
             agreement_rows.append([label, pair, f"{values.get('ari', float('nan')):.3f}",
                                    f"{values.get('nmi', float('nan')):.3f}"])

@@ -30,6 +30,7 @@ from analysis.runs import AnalysisError, Checkpoint, RunDir
 from analysis.store import create_embedding_store
 from catalog.runinfo import config_to_dict, provenance
 from shards.reader import SelectionReader
+from training.config import parse_direction
 from training.distributed import abort, bcast, failure_line, local_device, mpi_peers, mpi_world, watch_ranks
 from training.loader import BatchViews, DevicePrefetcher, RowBatches, make_loader, selection_fingerprint, shard_cache
 
@@ -178,8 +179,9 @@ def _prepare(run: RunDir, checkpoint_name: str, where: str, cfg: EmbedConfig, da
     checkpoint = run.checkpoint(checkpoint_name)
     selection, root, _ = selection_for(run, where, dataset)
     model, config, spec = run.load_model(checkpoint)  # checks the architecture before anything is written
-    # A DINO run has no expanders: its embeddings are its teachers' backbones (DINOModel.rgb_backbone, ir_backbone).
-    projections = cfg.projections and config.model.objective == "vicreg"
+    # A DINO run's embeddings are its teachers' backbones (DINOModel.rgb_backbone, ir_backbone); its projections the
+    # teacher heads' bottlenecks, with the prototypes and centres that score them (analysis.knn.dino_retrieval_rows).
+    projections = cfg.projections
     selection_sha = selection_fingerprint(selection)
     identity = embedding_identity(checkpoint, where, selection_sha, config, projections)
     path = run.embeddings(checkpoint.name)
@@ -195,7 +197,11 @@ def _prepare(run: RunDir, checkpoint_name: str, where: str, cfg: EmbedConfig, da
         skip = bool(existing.get("complete"))
     else:
         dims = {"rgb": (model.rgb_backbone.num_features, "float32"), "ir": (model.ir_backbone.num_features, "float32")}
-        if projections:
+        whole = {}
+        if projections and config.model.objective == "dino":
+            dims.update(rgb_z=(config.dino.bottleneck_dim, "float32"), ir_z=(config.dino.bottleneck_dim, "float32"))
+            whole = dino_scoring_arrays(model)
+        elif projections:
             dims.update(rgb_z=(config.model.expander[-1], "float16"), ir_z=(config.model.expander[-1], "float16"))
         attrs = {
             "identity": identity, "checkpoint": checkpoint.name, "checkpoint_sha256": checkpoint.sha256,
@@ -205,7 +211,11 @@ def _prepare(run: RunDir, checkpoint_name: str, where: str, cfg: EmbedConfig, da
             "preprocessing": "training.loader.EVAL_AUGMENT: whole frame, no flip, no jitter, no IR noise; BatchViews",
             "provenance": json.loads(json.dumps(provenance(packages=("torch", "timm", "zarr")), default=str)),
         }
-        create_embedding_store(path, selection.column("key").to_pylist(), dims, cfg.chunk_rows, attrs)
+        if whole:
+            attrs["dino_scoring"] = {"teacher_temp": float(config.dino.teacher_temp),
+                                     "student_temp": float(config.dino.student_temp),
+                                     "directions": list(config.dino.directions)}
+        create_embedding_store(path, selection.column("key").to_pylist(), dims, cfg.chunk_rows, attrs, whole)
     verdict = {"path": str(path), "skip": skip, "n": n, "checkpoint": checkpoint.name, "where": where,
                "dataset": str(root), "checkpoint_sha256": checkpoint.sha256}
     return verdict, (checkpoint, selection, model, config)
@@ -275,6 +285,15 @@ def _embed_my_chunks(run: RunDir, verdict: dict, cfg: EmbedConfig, rank: int, wo
     return total, ended - started, steady
 
 
+def dino_scoring_arrays(model) -> dict[str, np.ndarray]:
+    """A DINO model's teacher prototypes per modality and centre per direction, as stored beside its projections."""
+    arrays = {f"{m}_prototypes": model.prototypes(m).float().cpu().numpy() for m in ("rgb", "ir")}
+    for direction, loss in model.losses.items():
+        teacher, student = parse_direction(direction)
+        arrays[f"centre_{teacher}_to_{student}"] = loss.center.detach().float().cpu().numpy().reshape(-1)
+    return arrays
+
+
 def _write_chunk(group, names: list[str], chunk: int, start: int, stop: int, arrays: dict, copied=None) -> None:
     if copied is not None:
         copied.synchronize()  # the device-to-host copies of this chunk have landed
@@ -305,7 +324,7 @@ def _write_chunks(prefetch, model, autocast, group, names, n, chunk_rows, all_ke
                     h_ir = model.ir_backbone(second)
                     out = {"rgb": h_rgb, "ir": h_ir}
                     if "rgb_z" in names:
-                        out["rgb_z"], out["ir_z"] = model.rgb_expander(h_rgb), model.ir_expander(h_ir)
+                        out["rgb_z"], out["ir_z"] = model.projection("rgb", h_rgb), model.projection("ir", h_ir)
                 start, stop = c * chunk_rows, min((c + 1) * chunk_rows, n)
                 rows = len(batch["keys"])
                 if list(batch["keys"]) != list(all_keys[start + offset : start + offset + rows]):

@@ -10,7 +10,8 @@ accuracies either way (timings: bench/RESULTS.md, "2026-12-04 docstring figures 
 Retrieval asks whether the two branches agree on a sample: for each test RGB embedding, is its own IR partner
 among the top 1 / top 5 of all test IR embeddings (and the reverse), against chance (k / n). It is measured in
 the expander space (``rgb_z``, ``ir_z``): the space the VICReg invariance term aligns; the two backbones'
-outputs live in unrelated coordinates.
+outputs live in unrelated coordinates. A DINO run aligns distributions over K prototypes instead, so its candidates
+are ranked by the DINO loss itself (:func:`dino_retrieval_rows`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from analysis.config import LABELS, KNNConfig
 from analysis.neighbours import l2_normalise, pruned_neighbours, topk_neighbours
@@ -26,7 +28,7 @@ from analysis.results import (KNNLabel, KNNResult, KNNScore, RetrievalResult, St
 from analysis.runs import AnalysisError
 from analysis.store import Embeddings
 
-__all__ = ["weighted_knn", "neighbour_votes", "knn_neighbours", "run_knn", "retrieval_accuracy", "run_retrieval", "space_matrix"]
+__all__ = ["weighted_knn", "neighbour_votes", "knn_neighbours", "run_knn", "retrieval_accuracy", "dino_retrieval_rows", "run_retrieval", "space_matrix"]
 
 PRUNE_FROM = 20_000  # training rows from which the cluster-pruned search is tried first
 
@@ -150,11 +152,43 @@ def run_knn(embeddings: Embeddings, results: Path, config: KNNConfig, metadata, 
 
 def retrieval_accuracy(queries: np.ndarray, base: np.ndarray, ks: tuple[int, ...] = (1, 5),
                        query_chunk: int = 2048) -> dict[int, float]:
-    """Share of rows i whose partner base[i] is among the top k of base for queries[i] (inputs L2-normalised)."""
+    """Share of rows i whose partner base[i] is among the top k of base for queries[i], scored by their products
+    (L2-normalised rows: cosine similarity)."""
     k_max = min(max(ks), len(base))
     _, index = topk_neighbours(queries, base, k_max, "cosine", query_chunk)
     hit = index == np.arange(len(queries))[:, None]
     return {k: float(hit[:, :k].any(axis=1).mean()) for k in ks}
+
+
+def dino_retrieval_rows(embeddings: Embeddings, rows: np.ndarray, query: str, candidate: str,
+                        chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """(query rows, candidate rows) whose products rank candidates by the DINO loss of direction query>candidate.
+
+    score(i, j) = sum_k P_ik log Q_jk, with P_i = softmax((z_i W_q^T - c) / teacher_temp) the query teacher's
+    centred distribution (c: that direction's centre, zero when the run did not train it) and
+    Q_j = softmax(z_j W_c^T / student_temp) the candidate's. Since P_i sums to 1 this is
+    (P_i W_c) . z_j / student_temp - logsumexp_k(z_j W_c^T / student_temp): D numbers a row, not K, and exact.
+    """
+    scoring = embeddings.attrs["dino_scoring"]
+    group = embeddings.group
+    w_query = torch.from_numpy(np.asarray(group[f"{query}_prototypes"][:], dtype=np.float32))
+    w_cand = torch.from_numpy(np.asarray(group[f"{candidate}_prototypes"][:], dtype=np.float32))
+    centre_name = f"centre_{query}_to_{candidate}"
+    centre = (torch.from_numpy(np.asarray(group[centre_name][:], dtype=np.float32)) if centre_name in group.array_keys()
+              else torch.zeros(w_query.shape[0]))
+    t_temp, s_temp = scoring["teacher_temp"], scoring["student_temp"]
+    z_query = torch.from_numpy(embeddings.rows(f"{query}_z", rows))
+    z_cand = torch.from_numpy(embeddings.rows(f"{candidate}_z", rows))
+    queries, lse = [], []
+    with torch.inference_mode():
+        for start in range(0, len(rows), chunk):
+            p = torch.softmax((z_query[start : start + chunk] @ w_query.T - centre) / t_temp, dim=1)
+            queries.append(p @ w_cand / s_temp)
+            lse.append(torch.logsumexp(z_cand[start : start + chunk] @ w_cand.T / s_temp, dim=1))
+        q = torch.cat(queries)
+        base = torch.cat([z_cand, -torch.cat(lse)[:, None]], dim=1)
+        q = torch.cat([q, torch.ones(len(q), 1)], dim=1)
+    return q.numpy(), base.numpy()
 
 
 def run_retrieval(embeddings: Embeddings, results: Path, metadata, split: str = "test", ks: tuple[int, ...] = (1, 5),
@@ -167,12 +201,17 @@ def run_retrieval(embeddings: Embeddings, results: Path, metadata, split: str = 
         raise StepSkipped(f"{embeddings.path}: no {split!r} samples among the embedded ones")
     if not usable:
         raise StepSkipped(f"retrieval needs more than {min(ks)} {split!r} samples, the embeddings hold {len(rows)}")
-    rgb = l2_normalise(embeddings.rows("rgb_z", rows))
-    ir = l2_normalise(embeddings.rows("ir_z", rows))
+    if embeddings.has("rgb_prototypes"):
+        rgb_to_ir = retrieval_accuracy(*dino_retrieval_rows(embeddings, rows, "rgb", "ir"), usable)
+        ir_to_rgb = retrieval_accuracy(*dino_retrieval_rows(embeddings, rows, "ir", "rgb"), usable)
+    else:
+        rgb = l2_normalise(embeddings.rows("rgb_z", rows))
+        ir = l2_normalise(embeddings.rows("ir_z", rows))
+        rgb_to_ir, ir_to_rgb = retrieval_accuracy(rgb, ir, usable), retrieval_accuracy(ir, rgb, usable)
     record = RetrievalResult(
         embeddings=embeddings.identity, checkpoint=embeddings.checkpoint, split=split, n=int(len(rows)),
-        k=list(usable), rgb_to_ir={str(k): v for k, v in retrieval_accuracy(rgb, ir, usable).items()},
-        ir_to_rgb={str(k): v for k, v in retrieval_accuracy(ir, rgb, usable).items()},
+        k=list(usable), rgb_to_ir={str(k): v for k, v in rgb_to_ir.items()},
+        ir_to_rgb={str(k): v for k, v in ir_to_rgb.items()},
         chance={str(k): min(k / len(rows), 1.0) for k in usable})
     first = str(usable[0])
     log(f"retrieval ({len(rows)} {split} pairs): RGB->IR top-1 {100 * record.rgb_to_ir[first]:.1f}%, "

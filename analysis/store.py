@@ -1,7 +1,9 @@
 """Embeddings in Zarr v3, and the small result files every analysis step writes.
 
 ``RUN/embeddings/<checkpoint>.zarr`` is a group with arrays ``rgb`` and ``ir`` [N, D] float32 (backbone output),
-``rgb_z`` and ``ir_z`` [N, E] float16 (expander output, optional), ``key`` [N] in catalog order, and ``done``
+``rgb_z`` and ``ir_z`` [N, E] (optional: VICReg's expander output, float16; a DINO run's teacher-head bottleneck,
+L2-normalised, float32, with its ``rgb_prototypes`` / ``ir_prototypes`` [K, E] and ``centre_<a>_to_<b>`` [K] per
+direction for :func:`analysis.knn.dino_retrieval_rows`), ``key`` [N] in catalog order, and ``done``
 [number of chunks] uint8 (chunk c's rows are written). Arrays are chunked by ``chunk_rows`` rows, and a rank only
 ever writes whole chunks of its own, so ranks never share a chunk file. ``attrs["complete"]`` is set last, by
 rank 0, after every rank has finished: readers refuse a store without it.
@@ -32,8 +34,9 @@ SPACES = ("rgb", "ir", "joint")  # joint: the two backbone embeddings side by si
 
 
 def create_embedding_store(path: Path, keys: list[str], dims: dict[str, tuple[int, str]], chunk_rows: int,
-                           attrs: dict[str, Any]) -> None:
-    """A fresh, incomplete store (an old one at ``path`` is replaced)."""
+                           attrs: dict[str, Any], whole: dict[str, np.ndarray] | None = None) -> None:
+    """A fresh, incomplete store (an old one at ``path`` is replaced). ``whole``: arrays that are not per sample
+    (a DINO run's prototypes and centres), written here at once."""
     if path.exists():
         shutil.rmtree(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -46,6 +49,8 @@ def create_embedding_store(path: Path, keys: list[str], dims: dict[str, tuple[in
     key_array = group.create_array("key", shape=(n,), dtype=str, chunks=(rows,), dimension_names=("sample",))
     if n:
         key_array[:] = np.asarray(keys, dtype=str)
+    for name, values in (whole or {}).items():
+        group.create_array(name, data=np.ascontiguousarray(values))
     n_chunks = -(-n // rows) if n else 0
     group.create_array("done", shape=(max(n_chunks, 1),), dtype="uint8", chunks=(1,), fill_value=0)
     group.attrs.update({**attrs, "complete": False, "chunk_rows": rows, "n": n, "n_chunks": n_chunks})

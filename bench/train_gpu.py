@@ -12,7 +12,9 @@ One prepared run for a GPU machine (../shared/notes/gpu-feed.md says how to get 
 Target: end-to-end >= 0.9 of the model-only rate. Then `analysis embed` (issue 8) with the trained checkpoint over a
 larger quarter-scale dataset (the shards hold the same 672x504 JPEGs whatever the source scale), with
 ``embed.decode`` = gpu and cpu, against the model-only inference rate (backbones + expanders, no gradients):
-target >= 0.8. Expanders are 2048-2048-2048 (as in gpu-feed.md's reference
+target >= 0.8. With ``--dino`` (default) also DINO's (issue 19): the step on random multi-crop tensors, and
+`training run` with ``model.objective = "dino"`` (multi-crop loader, CPU decode), target >= 0.9 likewise.
+Expanders are 2048-2048-2048 (as in gpu-feed.md's reference
 figure, 2,612 pairs/s at 224/112), so the numbers compare with it.
 
     PYTHONPATH=/tmp/site:$PWD python3 bench/train_gpu.py [--frames 512] [--steps 60] [--summary $OUT/train_gpu.md]
@@ -66,13 +68,13 @@ def build_dataset(root: Path, frames_per_node: int, workers: int, scale: float =
     return dataset, lines
 
 
-def end_to_end(dataset: Path, decode: str, workers: int, steps: int, run_dir: Path) -> dict:
+def end_to_end(dataset: Path, decode: str, workers: int, steps: int, run_dir: Path, objective: str = "vicreg") -> dict:
     shutil.rmtree(run_dir, ignore_errors=True)
     sets = {
         "data.dataset": str(dataset), "data.where": "TRUE", "data.decode": decode, "data.workers": str(workers),
         "data.prefetch": "4", "model.expander": EXPANDER, "train.batch_size": str(BATCH), "train.epochs": "1000",
         "optim.warmup_epochs": "1", "train.max_steps": str(steps), "train.log_every": "1",
-        "train.checkpoint_every": "1000", "run.dir": str(run_dir),
+        "train.checkpoint_every": "1000", "run.dir": str(run_dir), "model.objective": objective,
     }
     argv = [sys.executable, "-m", "training", "run", "--quiet"]
     for key, value in sets.items():
@@ -151,6 +153,46 @@ def model_only(steps: int) -> dict:
     peak = torch.cuda.max_memory_allocated() / 2**30
     return {"train_pairs_per_s": train_rate, "embed_pairs_per_s": embed_rate, "peak_gib": peak,
             "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__}
+
+
+def dino_model_only(steps: int) -> dict:
+    """The DINO step (both directions, 2 global + the default local crops, upstream's 65,536-way heads) on random
+    crops already on the GPU: what the DINO loader has to keep up with."""
+    import torch
+
+    from training.config import load_training_config
+    from training.dino_step import DINOSchedules, build_dino_optimizer, dino_step
+    from training.loader import MultiCropPlan
+    from training.model import initial_model, model_spec
+
+    config = load_training_config(None, ["model.objective=dino", f"train.batch_size={BATCH}"])
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    model = initial_model(config, model_spec(config)).to(device)
+    optimizer = build_dino_optimizer(model, config.optim)
+    schedules = DINOSchedules.of(config, BATCH, 1000)
+    plan = MultiCropPlan.of(config)
+    channels = {"rgb": 3, "ir": 1}
+    sizes = {"rgb": (config.data.rgb_size, plan.rgb_local_hw), "ir": (config.data.ir_size, plan.ir_local_hw)}
+    crops = {m: [torch.randn(plan.n_global * BATCH, channels[m], *sizes[m][0], device=device),
+                 torch.randn(plan.n_local * BATCH, channels[m], *sizes[m][1], device=device)] for m in channels}
+
+    def autocast():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+
+    def timed(n: int) -> float:
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        for step in range(n):
+            dino_step(model, model.students, optimizer, crops, list(config.dino.directions), step, 1, schedules,
+                      config.dino, autocast)
+        torch.cuda.synchronize()
+        return n * BATCH / (time.perf_counter() - started)
+
+    timed(3)
+    rate = statistics.median(timed(max(steps // 3, 5)) for _ in range(3))
+    return {"train_pairs_per_s": rate, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "crops": f"{plan.n_global} global + {plan.n_local} local"}
 
 
 def analysis_embed(run_dir: Path, dataset: Path, decode: str, workers: int, checkpoint: str = "last") -> dict:
@@ -289,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="measure only `analysis embed` (random-init weights) against the model-only rate")
     parser.add_argument("--embed-ranks", type=lambda text: [int(r) for r in text.split(",") if r], default=[2],
                         help="also `mpiexec -n R analysis embed` on the one GPU for each R (comma-separated; '' none)")
+    parser.add_argument("--dino", action=argparse.BooleanOptionalAction, default=True,
+                        help="also DINO's model-only and end-to-end (multi-crop, decode = cpu) rates")
     parser.add_argument("--summary", help="also write the recorded lines here (markdown)")
     args = parser.parse_args(argv)
 
@@ -326,6 +370,16 @@ def main(argv: list[str] | None = None) -> int:
                 f"pairs/s (median over steps; mean {r['mean_pairs_per_s']:.0f}) = {r['pairs_per_s'] / limit:.2f} of the "
                 f"model-only rate (target >= 0.9); data wait {100 * r['data_wait']:.1f}% of step time; loss "
                 f"{r['loss_first']:.2f} -> {r['loss_last']:.2f} over {r['steps']} steps")
+    if args.dino:
+        dino = dino_model_only(args.steps)
+        say(f"DINO model-only (both directions, {dino['crops']} crops a modality, 65,536-way heads, AdamW, bf16, "
+            f"batch {BATCH}): {dino['train_pairs_per_s']:.0f} pairs/s; peak {dino['peak_gib']:.1f} GiB")
+        if not args.only_embed:
+            r = end_to_end(dataset, "cpu", args.workers, args.steps, OUT / "train-gpu-run-dino", objective="dino")
+            say(f"DINO end-to-end from the shards (multi-crop loader, data.decode = cpu, {r['workers']} workers): "
+                f"{r['pairs_per_s']:.0f} pairs/s (median; mean {r['mean_pairs_per_s']:.0f}) = "
+                f"{r['pairs_per_s'] / dino['train_pairs_per_s']:.2f} of the DINO model-only rate (target >= 0.9); data "
+                f"wait {100 * r['data_wait']:.1f}% of step time; loss {r['loss_first']:.2f} -> {r['loss_last']:.2f}")
     if args.embed_frames:
         embed_dataset, built = build_dataset(OUT / f"embed-gpu-{args.embed_frames}-{args.embed_scale:g}",
                                              args.embed_frames, args.workers, scale=args.embed_scale)

@@ -298,6 +298,8 @@ def test_all_writes_a_complete_report(trained_run_copy, tmp_path):
     compare = analysis_cli("compare", str(trained_run_copy), str(trained_run_copy), "--out", str(tmp_path / "cmp"))
     assert compare.returncode == 0, compare.stderr
     assert "k-NN is_sky" in compare.stdout and (tmp_path / "cmp" / "compare.html").exists()
+    header = compare.stdout.splitlines()[0]
+    assert "(vicreg, rgb-ir) random init |" in header, header  # each run's random-init model beside it
 
 
 @pytest.mark.slow

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -232,18 +233,31 @@ def test_dino_sigterm_then_resume_equals_an_uninterrupted_run(dino_config, tmp_p
 # -- analysis -----------------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_analysis_embed_on_a_dino_run_embeds_the_teacher_backbones(dino_config, tmp_path):
+def test_analysis_embed_on_a_dino_run_embeds_the_teacher_backbones_and_heads_for_retrieval(dino_config, tmp_path):
     run = tmp_path / "run"
     trained = run_cli(dino_config, "train.max_steps=2")
     assert trained.returncode == 0, trained.stderr[-2000:]
-    done = analysis_cli("embed", str(run), "--config", str(small_chunk_config(tmp_path)), "--quiet")
+    config = str(small_chunk_config(tmp_path))
+    done = analysis_cli("embed", str(run), "--config", config, "--quiet")
     assert done.returncode == 0, done.stderr[-3000:]
     group = zarr.open_group(str(RunDir(run).embeddings("last")), mode="r")
-    assert set(group.array_keys()) >= {"rgb", "ir"} and "rgb_z" not in set(group.array_keys())
+    assert set(group.array_keys()) >= {"rgb", "ir", "rgb_z", "ir_z", "rgb_prototypes", "ir_prototypes",
+                                       "centre_rgb_to_ir", "centre_ir_to_rgb"}
     model, _, _ = RunDir(run).load_model(RunDir(run).checkpoint("last"))
     assert model.rgb_backbone is model.teachers["rgb"].backbone and model.ir_backbone is model.teachers["ir"].backbone
     rgb = np.asarray(group["rgb"][:])
     assert rgb.shape[1] == model.rgb_backbone.num_features and np.isfinite(rgb).all()
+    # The stored projection is the RGB teacher head's normalised bottleneck of the stored backbone output.
+    with torch.no_grad():
+        expected = model.projection("rgb", torch.from_numpy(rgb[:4])).numpy()
+    np.testing.assert_allclose(np.asarray(group["rgb_z"][:4]), expected, rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(group["centre_rgb_to_ir"][:]),
+                                  model.losses["rgb>ir"].center.numpy().reshape(-1))
+    scored = analysis_cli("retrieval", str(run), "--config", config)
+    assert scored.returncode == 0, scored.stderr[-3000:]
+    assert "RGB->IR top-1" in scored.stdout + scored.stderr
+    result = json.loads((RunDir(run).results("last") / "retrieval.json").read_text())
+    assert 0 <= result["rgb_to_ir"]["1"] <= 1 and 0 <= result["ir_to_rgb"]["1"] <= 1
 
 
 # -- multi-crop batches ----------------------------------------------------------------------------------------------

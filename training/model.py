@@ -78,6 +78,10 @@ class VICReg(nn.Module):
         self.rgb_expander = Expander(self.rgb_backbone.num_features, model.expander)
         self.ir_expander = Expander(self.ir_backbone.num_features, model.expander)
 
+    def projection(self, modality: str, h: torch.Tensor) -> torch.Tensor:
+        """The space the loss aligns across modalities, of backbone output ``h``: the expander's output."""
+        return self.rgb_expander(h) if modality == "rgb" else self.ir_expander(h)
+
     def forward(self, first: torch.Tensor, second: torch.Tensor):
         h_rgb = self.rgb_backbone(first)
         h_ir = self.ir_backbone(second)
@@ -122,6 +126,16 @@ class DINOModel(nn.Module):
     @property
     def ir_backbone(self) -> nn.Module:
         return self._teacher_backbone("ir")
+
+    def projection(self, modality: str, h: torch.Tensor) -> torch.Tensor:
+        """The teacher head's L2-normalised bottleneck of backbone output ``h``: its logits over the K prototypes are
+        ``projection @ prototypes(modality).T``, so analysis keeps D numbers a sample instead of K."""
+        head = self.teachers[modality].head
+        return F.normalize(head.mlp(h), dim=-1, p=2)
+
+    def prototypes(self, modality: str) -> torch.Tensor:
+        """[K, bottleneck] the teacher head's last layer (weight norm applied): the K prototypes."""
+        return self.teachers[modality].head.last_layer.weight.detach()
 
     def _teacher_backbone(self, modality: str) -> nn.Module:
         if modality not in self.teachers:
