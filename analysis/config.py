@@ -28,10 +28,19 @@ class EmbedConfig:
     chunk_rows: int = 4096  # rows per Zarr chunk: 4096 x 384 float32 = 6 MB; each rank writes whole chunks
     decode: str = "auto"  # 'cpu', 'gpu' (nvJPEG), or 'auto': gpu when the device is CUDA
     projections: bool = True  # also store the expander outputs (the space VICReg aligns; retrieval uses it)
+    # Small RGB and IR thumbnails of every sample (the explorer's images), made while the frames are decoded anyway,
+    # stored once per run and selection in RUN/embeddings/thumbnails.zarr and reused by every checkpoint.
+    thumbnails: bool = True
+    thumb_size: tuple[int, int] = (48, 64)  # [H, W] of each modality's thumbnail (the sensors' 4:3)
+    # Above this many samples, a seeded random subset of this many gets thumbnails (t-SNE's rule: with seed 0 and
+    # tsne.max_points equal to it, every t-SNE point has one); 12 kB a sample before compression.
+    max_thumbs: int = 100_000
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.workers < -1 or self.chunk_rows < 1:
             raise ValueError("embed.batch_size and embed.chunk_rows must be >= 1, embed.workers >= -1 (-1: auto)")
+        if min(self.thumb_size) < 1 or len(self.thumb_size) != 2 or self.max_thumbs < 1:
+            raise ValueError("embed.thumb_size must be [H, W] >= 1 and embed.max_thumbs >= 1")
         if self.decode not in ("auto", "cpu", "gpu"):
             raise ValueError(f"embed.decode must be 'auto', 'cpu' or 'gpu', got {self.decode!r}")
 

@@ -5,6 +5,11 @@ jitter, no IR noise) through the same ``BatchViews`` training uses, so analysis 
 on. Rows are in catalog order; chunk ``c`` belongs to rank ``c mod R``; a rank writes a chunk's rows, then its
 ``done`` flag, so an interrupted embed resumes at the first unfinished chunk of each rank, with any number of
 ranks. Rank 0 marks the store complete after a barrier.
+
+With ``embed.thumbnails`` the same pass makes each sample's thumbnails (:mod:`analysis.thumbnails`) into the run's
+thumbnail store (:mod:`analysis.thumbstore`), chunk by chunk like the embeddings; the store does not depend on the
+weights, so the first embed of a run writes it and every other checkpoint's embed finds it complete. Embeddings that
+are current beside a missing or unfinished thumbnail store get a decode-only pass that makes the thumbnails alone.
 """
 
 from __future__ import annotations
@@ -28,6 +33,9 @@ import catalog
 from analysis.config import EmbedConfig
 from analysis.runs import AnalysisError, Checkpoint, RunDir
 from analysis.store import create_embedding_store
+from analysis.thumbnails import EmbedPrepare
+from analysis.thumbstore import (create_thumbnail_store, layout_of, thumb_layout, thumbnail_identity,
+                                 thumbnail_path, write_thumbnail_chunk)
 from catalog.runinfo import config_to_dict, provenance
 from shards.reader import SelectionReader
 from training.config import parse_direction
@@ -71,6 +79,7 @@ class EmbedResult:
     # From the end of each rank's first batch on (the loader's start-up and the first forward's one-off set-up left
     # out): this rank's rate, and on rank 0 the sum over ranks (they run at the same time).
     steady_pairs_per_s: float | None = None
+    thumbnails: Path | None = None  # the run's thumbnail store (None with embed.thumbnails = false)
 
 
 def selection_for(run: RunDir, where: str, dataset: str | None = None, *, allow_empty: bool = False):
@@ -127,10 +136,13 @@ def embed(run_dir: str | Path, checkpoint_name: str = "last", where: str | None 
     if "error" in verdict:
         raise AnalysisError(verdict["error"])
     path = Path(verdict["path"])
+    thumbs = Path(verdict["thumbs"]) if verdict["thumbs"] else None
     if verdict["skip"]:
         if rank == 0:
             log(f"{path}: up to date ({verdict['n']} samples)")
-        return EmbedResult(path, verdict["n"], 0, 0.0, True)
+        return EmbedResult(path, verdict["n"], 0, 0.0, True, thumbnails=thumbs)
+    if rank == 0 and verdict["embedded"]:
+        log(f"{path}: up to date ({verdict['n']} samples); {thumbs}: thumbnails missing, making them (decode only)")
     peers = mpi_peers()
     try:
         with watch_ranks("analysis embed", rank, peers):
@@ -143,16 +155,23 @@ def embed(run_dir: str | Path, checkpoint_name: str = "last", where: str | None 
         raise
     computed, steady = _totals(computed, steady, world)
     # Rank 0 looks, every rank hears: all fail alike when a chunk is missing.
-    missing = bcast(_chunks_missing(path) if rank == 0 else None)
-    if missing:
-        raise AnalysisError(f"{path}: {missing} chunk(s) were not written; run `analysis embed` again")
+    missing = bcast([_chunks_missing(p) if p is not None else 0 for p in (path, thumbs)] if rank == 0 else None)
+    for where_missing, count in zip((path, thumbs), missing):
+        if count:
+            raise AnalysisError(f"{where_missing}: {count} chunk(s) were not written; run `analysis embed` again")
     if rank == 0:
-        group = zarr.open_group(str(path), mode="r+")
-        group.attrs.update({"complete": True, "world_size": world, "seconds": seconds})
-        rate = computed / seconds if seconds > 0 else float("nan")
-        after_first = f"; {steady:.0f} pairs/s after each rank's first batch" if steady else ""
-        log(f"{path}: {verdict['n']} samples ({computed} embedded now, {rate:.0f} pairs/s on {world} rank(s){after_first})")
-    return EmbedResult(path, verdict["n"], computed, seconds, False, steady)
+        for store in (path, thumbs) if thumbs is not None else (path,):
+            group = zarr.open_group(str(store), mode="r+")
+            if not group.attrs.get("complete"):
+                group.attrs.update({"complete": True, "world_size": world, "seconds": seconds})
+        if computed:
+            rate = computed / seconds if seconds > 0 else float("nan")
+            after_first = f"; {steady:.0f} pairs/s after each rank's first batch" if steady else ""
+            log(f"{path}: {verdict['n']} samples ({computed} embedded now, {rate:.0f} pairs/s on {world} rank(s)"
+                f"{after_first})")
+        if thumbs is not None and not verdict["thumbs_done"]:
+            log(f"{thumbs}: thumbnails of {zarr.open_group(str(thumbs), mode='r').attrs['thumbnailed']} samples")
+    return EmbedResult(path, verdict["n"], computed, seconds, False, steady, thumbs)
 
 
 def _totals(computed: int, steady: float | None, world: int) -> tuple[int, float | None]:
@@ -194,8 +213,9 @@ def _prepare(run: RunDir, checkpoint_name: str, where: str, cfg: EmbedConfig, da
         except Exception:  # noqa: BLE001 - unreadable: rebuilt below
             existing = None
     if existing is not None and existing.get("identity") == identity and existing.get("chunk_rows") == min(cfg.chunk_rows, n):
-        skip = bool(existing.get("complete"))
+        embedded = skip = bool(existing.get("complete"))
     else:
+        embedded = False
         dims = {"rgb": (model.rgb_backbone.num_features, "float32"), "ir": (model.ir_backbone.num_features, "float32")}
         whole = {}
         if projections and config.model.objective == "dino":
@@ -216,9 +236,37 @@ def _prepare(run: RunDir, checkpoint_name: str, where: str, cfg: EmbedConfig, da
                                      "student_temp": float(config.dino.student_temp),
                                      "directions": list(config.dino.directions)}
         create_embedding_store(path, selection.column("key").to_pylist(), dims, cfg.chunk_rows, attrs, whole)
-    verdict = {"path": str(path), "skip": skip, "n": n, "checkpoint": checkpoint.name, "where": where,
-               "dataset": str(root), "checkpoint_sha256": checkpoint.sha256}
+    thumbs = _prepare_thumbnails(run, cfg, selection, selection_sha, config, where, root) if cfg.thumbnails else None
+    thumbs_done = thumbs is None or bool(zarr.open_group(str(thumbs), mode="r").attrs.get("complete"))
+    verdict = {"path": str(path), "skip": skip and thumbs_done, "embedded": embedded, "thumbs_done": thumbs_done,
+               "n": n,
+               "checkpoint": checkpoint.name, "where": where, "dataset": str(root),
+               "checkpoint_sha256": checkpoint.sha256, "thumbs": str(thumbs) if thumbs is not None else None}
     return verdict, (checkpoint, selection, model, config)
+
+
+def _prepare_thumbnails(run: RunDir, cfg: EmbedConfig, selection, selection_sha: str, config, where: str,
+                        root) -> Path:
+    """Rank 0: the run's thumbnail store for this selection, reused when its identity is this one's, else made
+    anew (empty, incomplete)."""
+    n = selection.num_rows
+    chunk_rows = max(min(cfg.chunk_rows, n), 1)
+    data = config.data
+    identity = thumbnail_identity(selection_sha, chunk_rows, cfg.thumb_size, cfg.max_thumbs, data.rgb_size,
+                                  data.ir_size, data.ir_mean)
+    path = thumbnail_path(run.root)
+    try:
+        existing = dict(zarr.open_group(str(path), mode="r").attrs) if path.exists() else None
+    except Exception:  # noqa: BLE001 - unreadable: made anew below
+        existing = None
+    if existing is None or existing.get("identity") != identity:
+        attrs = {"identity": identity, "where": where, "selection_sha256": selection_sha, "dataset": str(root),
+                 "max_thumbs": cfg.max_thumbs, "rgb_size": list(data.rgb_size), "ir_size": list(data.ir_size),
+                 "preprocessing": "the evaluation view (training.loader.EVAL_AUGMENT) before normalisation, "
+                                  "downscaled with an antialiased bilinear filter"}
+        create_thumbnail_store(path, selection.column("key").to_pylist(), thumb_layout(n, chunk_rows, cfg.max_thumbs),
+                               cfg.thumb_size, attrs)
+    return path
 
 
 def _embed_my_chunks(run: RunDir, verdict: dict, cfg: EmbedConfig, rank: int, world: int, local_rank: int,
@@ -227,7 +275,11 @@ def _embed_my_chunks(run: RunDir, verdict: dict, cfg: EmbedConfig, rank: int, wo
     group = zarr.open_group(str(path), mode="r+")
     n, chunk_rows, n_chunks = int(group.attrs["n"]), int(group.attrs["chunk_rows"]), int(group.attrs["n_chunks"])
     done = group["done"][:]
-    mine = [c for c in range(rank, n_chunks, world) if not done[c]]
+    embed_mine = {c for c in range(rank, n_chunks, world) if not done[c]}
+    thumbs = zarr.open_group(verdict["thumbs"], mode="r+") if verdict["thumbs"] else None
+    thumbs_done = thumbs["done"][:] if thumbs is not None else None
+    thumb_mine = {c for c in range(rank, n_chunks, world) if thumbs is not None and not thumbs_done[c]}
+    mine = sorted(embed_mine | thumb_mine)
     if not mine:
         return 0, 0.0, None
     device = local_device(local_rank)
@@ -249,6 +301,8 @@ def _embed_my_chunks(run: RunDir, verdict: dict, cfg: EmbedConfig, rank: int, wo
     data = dataclasses.replace(config.data, decode=decode)
     m = config.model
     views = BatchViews(data, m.mode, m.rgb_patch, m.ir_patch, data.ir_mean, data.ir_std, device)
+    # Mode rgb-grey reads no IR for the model; the thumbnails need it all the same.
+    decode_mode = "rgb-ir" if thumb_mine and m.mode == "rgb-grey" else m.mode
     batches = []
     for c in mine:
         start, stop = c * chunk_rows, min((c + 1) * chunk_rows, n)
@@ -260,20 +314,21 @@ def _embed_my_chunks(run: RunDir, verdict: dict, cfg: EmbedConfig, rank: int, wo
     except ValueError as exc:
         raise AnalysisError(f"data.cache_limit: {exc}") from None
     reader = SelectionReader(selection, catalog.dataset_ref(verdict["dataset"]), cache=cache)
-    loader = make_loader(RowBatches(reader, batches, data, m.mode, data.ir_mean), cfg.worker_count(local_size), 4,
+    loader = make_loader(RowBatches(reader, batches, data, decode_mode, data.ir_mean), cfg.worker_count(local_size), 4,
                          pin_memory=device.type == "cuda")
     names = [name for name in ("rgb", "ir", "rgb_z", "ir_z") if name in group.array_keys()]
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and torch.cuda.is_bf16_supported()
                 else torch.autocast("cpu", enabled=False))
-    total = sum(len(rows) for _, rows in batches)
+    total = sum(len(rows) for (c, _), rows in batches if c in embed_mine)  # the rows embedded, not just thumbnailed
     bar = None
     if rank == 0 and progress:
         bar = tqdm(total=total, unit="pair", desc=f"embed {verdict['checkpoint']}", dynamic_ncols=True, file=sys.stderr)
     all_keys = np.asarray(group["key"][:], dtype=object)
     started = time.perf_counter()
-    prefetch = DevicePrefetcher(loader, views, device)
+    prefetch = DevicePrefetcher(loader, EmbedPrepare(views, embed_mine, thumb_mine, cfg.thumb_size), device)
     try:
-        warm = _write_chunks(prefetch, model, autocast, group, names, n, chunk_rows, all_keys, path, bar)
+        warm = _write_chunks(prefetch, model, autocast, group, names, n, chunk_rows, all_keys, path, bar,
+                             thumbs)
     finally:
         prefetch.close()
     if bar is not None:
@@ -302,8 +357,10 @@ def _write_chunk(group, names: list[str], chunk: int, start: int, stop: int, arr
     group["done"][chunk] = 1  # after the rows: a chunk marked done is complete on disk
 
 
-def _write_chunks(prefetch, model, autocast, group, names, n, chunk_rows, all_keys, path, bar) -> tuple[float, int] | None:
-    """Embed every prepared batch; write each chunk, then its done flag, once all its rows are in.
+def _write_chunks(prefetch, model, autocast, group, names, n, chunk_rows, all_keys, path, bar,
+                  thumbs=None) -> tuple[float, int] | None:
+    """Embed every prepared batch; write each chunk, then its done flag, once all its rows are in; likewise the
+    batches' thumbnails into ``thumbs`` (the thumbnail store's group), where a batch has them.
 
     A chunk's outputs stay on the device until the chunk is full and come back in one copy, into pinned memory
     without the host waiting: the writer thread waits for the copy, so the GPU queue never drains at a chunk's end.
@@ -313,18 +370,14 @@ def _write_chunks(prefetch, model, autocast, group, names, n, chunk_rows, all_ke
     pending: list = []
     parts: dict[int, dict[str, list]] = {}
     filled: dict[int, int] = {}
+    thumb_parts: dict[int, list] = {}
+    layout = layout_of(thumbs) if thumbs is not None else None
     dtypes = {name: torch.float16 if group[name].dtype == np.float16 else torch.float32 for name in names}
     warm = None
     try:
         with torch.inference_mode():
-            for batch, (first, second) in prefetch:
+            for batch, prepared in prefetch:
                 c, offset = batch["tag"]
-                with autocast:
-                    h_rgb = model.rgb_backbone(first)
-                    h_ir = model.ir_backbone(second)
-                    out = {"rgb": h_rgb, "ir": h_ir}
-                    if "rgb_z" in names:
-                        out["rgb_z"], out["ir_z"] = model.projection("rgb", h_rgb), model.projection("ir", h_ir)
                 start, stop = c * chunk_rows, min((c + 1) * chunk_rows, n)
                 rows = len(batch["keys"])
                 if list(batch["keys"]) != list(all_keys[start + offset : start + offset + rows]):
@@ -332,21 +385,38 @@ def _write_chunks(prefetch, model, autocast, group, names, n, chunk_rows, all_ke
                                         "(catalog changed?)")
                 if offset != filled.get(c, 0):
                     raise AnalysisError(f"{path}: chunk {c} got rows out of order (offset {offset})")
-                chunk = parts.setdefault(c, {name: [] for name in names})
-                for name in names:
-                    chunk[name].append(out[name].to(dtypes[name]))
+                if prepared.views is not None:
+                    first, second = prepared.views
+                    with autocast:
+                        h_rgb = model.rgb_backbone(first)
+                        h_ir = model.ir_backbone(second)
+                        out = {"rgb": h_rgb, "ir": h_ir}
+                        if "rgb_z" in names:
+                            out["rgb_z"], out["ir_z"] = model.projection("rgb", h_rgb), model.projection("ir", h_ir)
+                    chunk = parts.setdefault(c, {name: [] for name in names})
+                    for name in names:
+                        chunk[name].append(out[name].to(dtypes[name]))
+                    if warm is None:
+                        if first.is_cuda:
+                            torch.cuda.synchronize(first.device)  # once: the first batch's set-up is not the rate
+                        warm = (time.perf_counter(), rows)
+                    if bar is not None:
+                        bar.update(rows)
+                if prepared.thumbs is not None:
+                    thumb_parts.setdefault(c, []).append(prepared.thumbs)
                 filled[c] = filled.get(c, 0) + rows
-                if warm is None:
-                    if first.is_cuda:
-                        torch.cuda.synchronize(first.device)  # once: the first batch's set-up is not the rate
-                    warm = (time.perf_counter(), rows)
-                if bar is not None:
-                    bar.update(rows)
                 if filled[c] == stop - start:
-                    arrays, copied = _to_host({name: torch.cat(chunk[name]) for name in names})
-                    del parts[c], filled[c]
+                    del filled[c]
                     # Compressing and writing a chunk takes a while: a writer thread does it while the GPU goes on.
-                    pending.append(writer.submit(_write_chunk, group, names, c, start, stop, arrays, copied))
+                    if c in parts:
+                        chunk = parts.pop(c)
+                        arrays, copied = _to_host({name: torch.cat(chunk[name]) for name in names})
+                        pending.append(writer.submit(_write_chunk, group, names, c, start, stop, arrays, copied))
+                    if c in thumb_parts:
+                        made = thumb_parts.pop(c)
+                        keep = torch.as_tensor(layout.chunk_rows_of(c) - start).to(made[0][0].device)
+                        arrays, copied = _to_host({i: torch.cat([t[i] for t in made])[keep] for i in range(3)})
+                        pending.append(writer.submit(_write_thumbnails, thumbs, c, arrays, copied))
                     while pending and pending[0].done():
                         pending.pop(0).result()
     finally:
@@ -354,9 +424,16 @@ def _write_chunks(prefetch, model, autocast, group, names, n, chunk_rows, all_ke
         writer.shutdown(wait=True)
     for future in pending:
         future.result()
-    if parts:
-        raise AnalysisError(f"{path}: chunks {sorted(parts)} were not filled (loader ended early)")
+    if parts or thumb_parts:
+        raise AnalysisError(f"{path}: chunks {sorted(set(parts) | set(thumb_parts))} were not filled "
+                            "(loader ended early)")
     return warm
+
+
+def _write_thumbnails(group, chunk: int, arrays: dict, copied=None) -> None:
+    if copied is not None:
+        copied.synchronize()  # the device-to-host copies of this chunk have landed
+    write_thumbnail_chunk(group, chunk, arrays[0].numpy(), arrays[1].numpy(), arrays[2].numpy())
 
 
 def _to_host(tensors: dict):

@@ -23,6 +23,7 @@ from typing import TypeVar
 import catalog
 from analysis.config import AnalysisConfig, analysis_toml
 from analysis.evolution import run_evolution
+from analysis.explorer_inputs import write_run_explorer
 from analysis.metadata import sample_metadata
 from analysis.pca import run_pca
 from analysis.report import write_report
@@ -155,6 +156,9 @@ class Analysis:
         return run_evolution(self, force=force)
 
     def report(self) -> Path:
+        """The explorer of the trained checkpoint (RUN/report/explorer/, when it has a map), then the report,
+        which links it."""
+        write_run_explorer(self, log=self.log)
         return write_report(self)
 
     # -- skipping what the data cannot support --

@@ -262,6 +262,7 @@ def _checkpoint_section(checkpoint: str, res: CheckpointResults, source: Path, r
         f"<h2>PCA, clusters and maps: {html.escape(title)}</h2>",
         _pca(res.pca, checkpoint, source, report),
         _clusters(res.cluster),
+        _explorer_link(report) if checkpoint == "last" else "",
         _maps(res.cluster, res.tsne, checkpoint, source, report),
         _link(res.tsne),
         _attention(res.attention, checkpoint, source, report),
@@ -300,6 +301,15 @@ def _maps(cluster: ClusterResult | None, tsne: TSNEResult | None, checkpoint: st
     pngs = (cluster.pngs if cluster is not None else []) + (tsne.pngs if tsne is not None else [])
     figures = [_img(_copy_png(source / png, report, f"{checkpoint}/{png}"), png) for png in pngs]
     return "<div class='grid'>" + "".join(figures) + "</div>" if figures else ""
+
+
+def _explorer_link(report: Path) -> str:
+    """A link to the interactive explorer (RUN/report/explorer/), when `analysis report` wrote it."""
+    if not (report / "explorer" / "index.html").exists():
+        return ""
+    return ("<p class='explorer'><a href='explorer/index.html'><b>Open the explorer</b></a>: the maps below with every point, "
+            "coloured by any catalog column or cluster, with thumbnails; a selection exported there becomes a "
+            "subset with <code>catalog select DATASET --keys keys.csv</code>.</p>")
 
 
 def _link(tsne: TSNEResult | None) -> str:

@@ -28,7 +28,7 @@ import zarr
 from analysis.runs import AnalysisError
 
 __all__ = ["Embeddings", "open_embeddings", "create_embedding_store", "SPACES", "write_json", "read_json",
-           "is_fresh", "write_parquet", "pyplot", "save_figure"]
+           "is_fresh", "write_parquet", "pyplot", "save_figure", "seeded_rows"]
 
 SPACES = ("rgb", "ir", "joint")  # joint: the two backbone embeddings side by side
 
@@ -57,8 +57,8 @@ def create_embedding_store(path: Path, keys: list[str], dims: dict[str, tuple[in
 
 
 @dataclass
-class Embeddings:
-    """A complete embedding store, read chunk by chunk."""
+class CompleteStore:
+    """A complete Zarr store written chunk by chunk by any number of ranks (embeddings, thumbnails)."""
 
     path: Path
     group: Any
@@ -68,16 +68,35 @@ class Embeddings:
         return dict(self.group.attrs)
 
     @property
+    def identity(self) -> str:
+        return str(self.group.attrs["identity"])
+
+
+def open_complete_group(path: Path, what: str, made_by: str):
+    """The Zarr group at ``path`` when it is there and marked complete, else an AnalysisError naming it (``what``:
+    "embeddings", ...; ``made_by``: the command that writes it)."""
+    if not path.exists():
+        raise AnalysisError(f"{path}: no {what} (run {made_by} first)")
+    try:
+        group = zarr.open_group(str(path), mode="r")
+    except Exception as exc:  # noqa: BLE001
+        raise AnalysisError(f"{path}: not a Zarr {what} store ({type(exc).__name__}: {exc})") from None
+    if not group.attrs.get("complete"):
+        raise AnalysisError(f"{path}: incomplete (an embed was interrupted); run `analysis embed` again to finish it")
+    return group
+
+
+@dataclass
+class Embeddings(CompleteStore):
+    """A complete embedding store, read chunk by chunk."""
+
+    @property
     def n(self) -> int:
         return int(self.group.attrs["n"])
 
     @property
     def chunk_rows(self) -> int:
         return int(self.group.attrs["chunk_rows"])
-
-    @property
-    def identity(self) -> str:
-        return str(self.group.attrs["identity"])
 
     @property
     def checkpoint(self) -> str:
@@ -128,15 +147,15 @@ class Embeddings:
 
 
 def open_embeddings(path: Path) -> Embeddings:
-    if not path.exists():
-        raise AnalysisError(f"{path}: no embeddings (run `analysis embed` first)")
-    try:
-        group = zarr.open_group(str(path), mode="r")
-    except Exception as exc:  # noqa: BLE001
-        raise AnalysisError(f"{path}: not a Zarr embedding store ({type(exc).__name__}: {exc})") from None
-    if not group.attrs.get("complete"):
-        raise AnalysisError(f"{path}: incomplete (an embed was interrupted); run `analysis embed` again to finish it")
-    return Embeddings(path, group)
+    return Embeddings(path, open_complete_group(path, "embeddings", "`analysis embed`"))
+
+
+def seeded_rows(n: int, m: int, seed: int) -> tuple[np.ndarray, bool]:
+    """(sorted int64 rows, sampled): every row of ``n`` up to ``m``, else a seeded random ``m`` of them. t-SNE's
+    points and the thumbnailed samples are both drawn by it, so with the same seed and cap they are the same rows."""
+    if n <= m:
+        return np.arange(n, dtype=np.int64), False
+    return np.sort(np.random.default_rng([seed, 0]).choice(n, m, replace=False)).astype(np.int64), True
 
 
 # -- result files ----------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ Writes into the checkpoint's results directory:
   the synthetic truth exists, hour_local).
 - ``tsne_link.png``: up to ``tsne.link_pairs`` samples' L2-normalised ``rgb_z`` and ``ir_z`` rows stacked, PCA'd and
   embedded into one map; a thin line joins each sample's two points.
+- ``tsne_link.parquet``: that map's coordinates (key, row, rgb_x, rgb_y, ir_x, ir_y), for the explorer.
 - ``tsne.json`` (last, atomically): what was computed, from which embeddings, and how long it took.
 """
 
@@ -52,7 +53,7 @@ from analysis.neighbours import l2_normalise, topk_neighbours
 from analysis.pca import open_pca
 from analysis.results import TSNELink, TSNEResult, TSNESettings, TSNESpace, result_json, write_result
 from analysis.runs import AnalysisError
-from analysis.store import Embeddings, pyplot, save_figure, write_parquet
+from analysis.store import Embeddings, pyplot, save_figure, seeded_rows, write_parquet
 
 __all__ = ["tsne_embed", "run_tsne", "link_distances", "plot_space", "TSNE_SPACES", "PANEL_COLUMNS"]
 
@@ -317,6 +318,10 @@ def _link_map(embeddings: Embeddings, config: TSNEConfig, seed: int, n_jobs: int
     summary.update({"pca_components": components, "perplexity": details["perplexity"],
                     "seconds": round(time.perf_counter() - t0, 2), "png": out.name})
     _plot_link(mapped[:m], mapped[m:], summary, out)
+    coordinates = {f"{side}_{axis}": pa.array(np.ascontiguousarray(part[:, i]), type=pa.float32())
+                   for side, part in (("rgb", mapped[:m]), ("ir", mapped[m:])) for i, axis in enumerate("xy")}
+    write_parquet(pa.table({"key": pa.array(list(embeddings.keys()[rows]), type=pa.string()),
+                            "row": pa.array(rows, type=pa.int64()), **coordinates}), out.with_suffix(".parquet"))
     return summary, None
 
 
@@ -456,9 +461,7 @@ def _metadata(dataset, embeddings: Embeddings, keys: np.ndarray, log):
 def _sample(n: int, max_points: int, seed: int) -> tuple[np.ndarray, bool]:
     if max_points < 1:
         raise AnalysisError(f"tsne.max_points must be >= 1, got {max_points}")
-    if n <= max_points:
-        return np.arange(n, dtype=np.int64), False
-    return np.sort(np.random.default_rng([seed, 0]).choice(n, max_points, replace=False)).astype(np.int64), True
+    return seeded_rows(n, max_points, seed)
 
 
 def _write_maps(frames: list[dict], out: Path) -> None:
@@ -516,6 +519,7 @@ def run_tsne(embeddings: Embeddings, results_dir: Path, config: TSNEConfig, seed
         log(f"tsne link: {link['pairs']} RGB-IR pairs, mean pair distance {link['pair_distance']:.2f} against "
             f"{link['random_distance']:.2f} for random pairs (ratio {link['ratio']:.3f})")
     else:
+        (results_dir / "tsne_link.parquet").unlink(missing_ok=True)  # an earlier link map's, not this one's
         log(f"tsne link: {skipped}")
     record = TSNEResult(
         embeddings=embeddings.identity, checkpoint=embeddings.checkpoint, seed=seed,

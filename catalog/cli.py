@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 from catalog.describe import describe, format_table
 from catalog.location import NodesError, load_nodes_csv
 from catalog.maintain import set_nodes_locked
-from catalog.query import Catalog, CatalogError, write_selection
+from catalog.query import Catalog, CatalogError, read_keys_csv, write_selection
 from catalog.storage import is_remote
 from catalog.store import DatasetLayout, DatasetLocked, dataset_lock
 
@@ -35,6 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     select.add_argument("--where", default=None, help="SQL condition over the samples view, e.g. 'is_sky AND is_day'")
     select.add_argument("--split", choices=("train", "val", "test"))
     select.add_argument("--limit", type=int)
+    select.add_argument("--keys", help="CSV file with a 'key' column (e.g. the explorer's export): only these samples")
     select.add_argument("--out", required=True, help="Selection Parquet file to write")
     nodes = sub.add_parser("set-nodes", help="replace node locations and recompute tz, local time and day/night")
     nodes.add_argument("dataset")
@@ -62,6 +63,15 @@ def _emit(table, fmt: str, out: str | None) -> None:
         print(text)
 
 
+def _check_keys(catalog: Catalog, keys: list[str], source: str) -> None:
+    """Every key of ``source`` names a sample of the catalog, else one line saying how many do not."""
+    missing = catalog.missing_keys(keys)
+    if missing:
+        examples = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+        raise CatalogError(f"{source}: {len(missing)} of {len(keys)} key(s) are not in the catalog of "
+                           f"{catalog.source} (e.g. {examples})")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -78,8 +88,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(describe(catalog))
             return 0
         if args.command == "select":
+            keys = read_keys_csv(args.keys) if args.keys else None
             with Catalog(args.dataset) as catalog:
-                selection = catalog.select(args.where, split=args.split, limit=args.limit)
+                if keys is not None:
+                    _check_keys(catalog, keys, args.keys)
+                selection = catalog.select(args.where, split=args.split, limit=args.limit, keys=keys)
             write_selection(selection, args.out)
             shards = len(set(selection.column("shard").to_pylist()))
             print(f"{selection.num_rows} samples from {shards} shard(s) -> {args.out}")

@@ -13,6 +13,7 @@ from typing import Any
 
 import duckdb
 import pyarrow as pa
+import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from catalog.schema import FILES, NODES, RUNS, SAMPLES, SHARDS
@@ -20,7 +21,8 @@ from catalog.remote import fetch_catalog
 from catalog.storage import StorageError, check_url, is_remote
 from catalog.store import DatasetLayout
 
-__all__ = ["Catalog", "CatalogError", "open_catalog", "write_selection", "SELECTION_COLUMNS", "VIEWS"]
+__all__ = ["Catalog", "CatalogError", "open_catalog", "write_selection", "read_keys_csv", "SELECTION_COLUMNS",
+           "VIEWS"]
 
 VIEWS = ("samples", "files", "rejects", "shards", "nodes", "runs")
 
@@ -197,8 +199,20 @@ class Catalog:
     def nodes(self) -> pa.Table:
         return self.con.sql("SELECT * FROM nodes").to_arrow_table()
 
-    def select(self, where: str | None = None, split: str | None = None, limit: int | None = None) -> pa.Table:
-        """A Selection: the samples matching ``where`` (SQL over ``samples``), in shard order.
+    def missing_keys(self, keys: list[str]) -> list[str]:
+        """The ``keys`` that name no sample of this catalog, in their order."""
+        self.con.register("_asked_keys", pa.table({"key": pa.array(keys, type=pa.string())}))
+        try:
+            unknown = set(self.con.sql("SELECT a.key FROM _asked_keys a ANTI JOIN samples s ON s.key = a.key")
+                          .to_arrow_table().column("key").to_pylist())
+        finally:
+            self.con.unregister("_asked_keys")
+        return [key for key in keys if key in unknown]
+
+    def select(self, where: str | None = None, split: str | None = None, limit: int | None = None,
+               keys: list[str] | None = None) -> pa.Table:
+        """A Selection: the samples matching ``where`` (SQL over ``samples``), of ``split``, among ``keys`` (when
+        given), in shard order.
 
         Its schema metadata records the dataset, the filter and the split, so readers need nothing else.
         """
@@ -209,6 +223,10 @@ class Catalog:
         if split:
             conditions.append("split = ?")
             params.append(split)
+        if keys is not None:
+            # A registered table, joined: any number of keys, no quoting to get wrong.
+            self.con.register("_selected_keys", pa.table({"key": pa.array(list(keys), type=pa.string())}))
+            conditions.append("key IN (SELECT key FROM _selected_keys)")
         filtered = "SELECT * FROM samples" + (" WHERE " + " AND ".join(conditions) if conditions else "")
         sql = (
             "SELECT s.key, s.vsn, s.ts_ns, s.split, s.shard, h.bytes AS shard_bytes, s.sample_offset, "
@@ -222,11 +240,16 @@ class Catalog:
         except duckdb.Error as exc:
             raise CatalogError(str(exc), dataset=self.source, where=where or "",
                                views=self.views_help()) from None
+        finally:
+            if keys is not None:
+                self.con.unregister("_selected_keys")
         metadata = {
             b"sagepairs.dataset": self.source.encode(),
             b"sagepairs.where": (where or "").encode(),
             b"sagepairs.split": (split or "").encode(),
         }
+        if keys is not None:
+            metadata[b"sagepairs.keys"] = str(len(keys)).encode()  # how many keys it was chosen among
         return table.replace_schema_metadata(metadata)
 
     def close(self) -> None:
@@ -241,6 +264,21 @@ class Catalog:
 
 def open_catalog(dataset: str | os.PathLike[str], *, cache: str | os.PathLike[str] | None = None) -> Catalog:
     return Catalog(dataset, cache=cache)
+
+
+def read_keys_csv(path: str | os.PathLike[str]) -> list[str]:
+    """The ``key`` column of a CSV file (what the explorer exports), duplicates dropped, in file order; a missing
+    or unreadable file, or one without a ``key`` column, is a CatalogError naming it."""
+    try:
+        table = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(column_types={"key": pa.string()}))
+    except FileNotFoundError:
+        raise CatalogError(f"{path}: no such keys file") from None
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise CatalogError(f"{path}: not a CSV file of keys ({_first_line(str(exc))})") from None
+    if "key" not in table.column_names:
+        raise CatalogError(f"{path}: no 'key' column (has {', '.join(table.column_names) or 'no columns'}); "
+                           "expected a header line 'key' and one sample key per line")
+    return list(dict.fromkeys(k for k in table.column("key").to_pylist() if k))
 
 
 def write_selection(selection: pa.Table, path: str | os.PathLike[str]) -> None:

@@ -15,6 +15,7 @@ import zarr
 import catalog
 from analysis.config import EmbedConfig, KNNConfig
 from analysis.embed import embed
+from analysis.explorer import read_part
 from analysis.knn import retrieval_accuracy, weighted_knn
 from analysis.neighbours import l2_normalise, topk_neighbours
 from analysis.pca import run_pca, streamed_pca
@@ -75,7 +76,10 @@ def test_two_ranks_embed_what_one_rank_embeds(trained_run_copy, tmp_path):
     config = small_chunk_config(tmp_path)
     one = embed(trained_run_copy, "last", config=SMALL_CHUNKS, progress=False, log=lambda m: None)
     reference = arrays(one.path)
+    thumbs = zarr.open_group(str(one.thumbnails), mode="r")
+    thumbs_reference = {name: thumbs[name][:] for name in ("rgb", "ir", "ir_range_c", "row")}
     os.rename(one.path, tmp_path / "one.zarr")
+    os.rename(one.thumbnails, tmp_path / "thumbnails-one.zarr")  # the two ranks make the thumbnails too
     done = analysis_cli("embed", str(trained_run_copy), "--config", str(config), "--quiet", ranks=2)
     assert done.returncode == 0, done.stderr
     two = arrays(trained_run_copy / "embeddings" / "last.zarr")
@@ -83,6 +87,10 @@ def test_two_ranks_embed_what_one_rank_embeds(trained_run_copy, tmp_path):
     assert list(two["key"]) == list(reference["key"])
     for name in ("rgb", "ir", "rgb_z", "ir_z"):
         np.testing.assert_allclose(two[name], reference[name], atol=1e-5, rtol=1e-4)
+    thumbs_two = zarr.open_group(str(one.thumbnails), mode="r")
+    assert thumbs_two.attrs["complete"] is True and thumbs_two.attrs["world_size"] == 2
+    for name, values in thumbs_reference.items():
+        np.testing.assert_array_equal(thumbs_two[name][:], values)
 
 
 def test_an_interrupted_embed_resumes_to_the_same_arrays(trained_run_copy, monkeypatch):
@@ -96,11 +104,11 @@ def test_an_interrupted_embed_resumes_to_the_same_arrays(trained_run_copy, monke
     calls = {"n": 0}
     original = loader.BatchViews.__call__
 
-    def dies_on_the_fifth_batch(self, batch):
+    def dies_on_the_fifth_batch(self, batch, *args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 5:
             raise KeyboardInterrupt("killed")
-        return original(self, batch)
+        return original(self, batch, *args, **kwargs)
 
     monkeypatch.setattr(loader.BatchViews, "__call__", dies_on_the_fifth_batch)
     with pytest.raises(KeyboardInterrupt):
@@ -289,6 +297,15 @@ def test_all_writes_a_complete_report(trained_run_copy, tmp_path):
     for checkpoint in ("last", "random"):
         for name in ("pca.json", "knn.json", "retrieval.json", "cluster.json"):
             assert (trained_run_copy / "analysis" / checkpoint / name).exists()
+    # The explorer, linked from the report: every map the run has, every embedded key, the clusters, thumbnails.
+    explorer = index.parent / "explorer"
+    assert (explorer / "index.html").exists() and "href='explorer/index.html'" in text
+    meta = read_part(explorer / "data" / "meta.js")
+    assert {"t-SNE joint", "t-SNE RGB", "t-SNE IR", "PCA joint", "PCA joint (random init)",
+            "t-SNE RGB-IR link"} <= {m["name"] for m in meta["maps"]}
+    keys = read_part(explorer / "data" / f"{meta['keysPart']}.js")["keys"].split("\n")
+    assert keys == list(open_embeddings(trained_run_copy / "embeddings" / "last.zarr").keys())
+    assert {"cluster_joint", "vsn", "is_sky"} <= {c["name"] for c in meta["columns"]} and meta["thumbs"]["atlases"]
     assert (trained_run_copy / "analysis" / "evolution.png").exists()
     # Everything is fresh now: a second `all` recomputes nothing.
     stamp = (trained_run_copy / "analysis" / "last" / "knn.json").stat().st_mtime_ns

@@ -387,8 +387,9 @@ class BatchViews:
             return rgb_to_float(batch["rgb"].to(self.device, non_blocking=True))
         return decode_crop_on_device(batch, self.data.rgb_size, self.device)
 
-    def __call__(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        first, second = self._views(self.rgb(batch), batch["ir"], batch["rgb_jitter"], batch["grey_jitter"],
+    def __call__(self, batch: dict, rgb: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mode's two views of a batch; ``rgb``: its ``self.rgb(batch)`` when the caller decoded it already."""
+        first, second = self._views(self.rgb(batch) if rgb is None else rgb, batch["ir"], batch["rgb_jitter"], batch["grey_jitter"],
                                     self.data.ir_size, batch.get("ir_reference_c"))
         return fit_to_grid(first, self.first_hw), fit_to_grid(second, self.second_hw)
 
