@@ -135,10 +135,13 @@ def hovers(page, n: int) -> tuple[list[dict], list[dict]]:
 def lasso(page) -> dict:
     """A mouse lasso (an octagon) around sample 0's blob and its neighbours; window.explorer.lastSelection()."""
     page.click(".modes button[data-mode=lasso]")
-    height = page.locator("#plot").bounding_box()["height"]
-    centre = np.array(page.evaluate("window.explorer.pointScreenXY(0)"))
+    plot = page.locator("#plot").bounding_box()
+    radius = 0.2 * plot["height"]
+    low = np.array([plot["x"], plot["y"]]) + radius + 5
+    high = np.array([plot["x"] + plot["width"], plot["y"] + plot["height"]]) - radius - 5
+    centre = np.clip(page.evaluate("window.explorer.pointScreenXY(0)"), low, high)  # all of it over the plot
     angles = np.linspace(0, 2 * np.pi, 9)
-    path = centre + 0.2 * height * np.stack([np.cos(angles), np.sin(angles)], axis=1)
+    path = centre + radius * np.stack([np.cos(angles), np.sin(angles)], axis=1)
     page.mouse.move(*path[0])
     page.mouse.down()
     for b in path[1:]:
