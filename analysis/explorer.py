@@ -6,7 +6,7 @@ files on ``file://``): ``data/meta.js`` sets ``window.SAGEPAIRS_EXPLORER`` (name
 summaries) and each ``data/<part>.js`` adds one entry to ``window.SAGEPAIRS_EXPLORER_PARTS`` holding arrays as
 base64 of little-endian typed arrays, which the page decodes with one ``atob`` each (a JSON list of a million
 floats would be several times larger and slower to parse). The page loads a part when it needs it, by adding a
-``<script>`` element. The format is described in docs/explorer-contract.md.
+``<script>`` element. The format is described in docs/explorer.md.
 
 Pure data writing: numpy, PIL (to read the atlases' sizes) and the standard library; no torch.
 """

@@ -3,7 +3,7 @@
  * A classic script (no modules, no fetch) so the page works opened from disk: data/meta.js has set
  * window.SAGEPAIRS_EXPLORER; every other data file is loaded when needed by adding a <script> element, and puts
  * its object in window.SAGEPAIRS_EXPLORER_PARTS[name] (arrays as base64 of little-endian typed arrays).
- * window.explorer is a small hook for tests and benchmarks (see docs/explorer-contract.md).
+ * window.explorer is a small hook for tests and benchmarks (see docs/explorer.md).
  */
 (function () {
   'use strict';
