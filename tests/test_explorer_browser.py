@@ -172,6 +172,24 @@ def test_lasso_drawn_with_the_mouse_selects_the_points_inside(open_page, synth, 
     save_artifact(page, tmp_path, "explorer-lasso.png")
 
 
+def test_a_lasso_started_on_a_hovered_point_hides_its_tooltip(open_page, synth):
+    """While a lasso is drawn the plot reports no hover, so the tooltip must go when the lasso starts, not stay
+    over the lasso being drawn."""
+    page = open_page()
+    xy = screen_xy(page)
+    p = isolated_point(page, xy)
+    page.keyboard.down("Shift")  # shift+drag: the lasso without the mode button
+    page.mouse.move(*xy[p])
+    key = synth.keys[page.evaluate("p => window.explorer.pointRow(p)", p)]
+    page.wait_for_function("k => document.querySelector('#tooltip .key')?.textContent === k", arg=key)
+    page.mouse.down()
+    for step in range(1, 15):
+        page.mouse.move(xy[p][0] + 4 * step, xy[p][1] + 3 * step)
+    page.wait_for_function("() => document.querySelector('#tooltip').hidden")
+    page.mouse.up()
+    page.keyboard.up("Shift")
+
+
 def test_box_selection_and_the_exports(open_page, synth, tmp_path):
     page = open_page()
     xy = screen_xy(page)

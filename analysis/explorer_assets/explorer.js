@@ -273,6 +273,7 @@
     scatter.subscribe('select', ({ points }) => onSelect(points));
     scatter.subscribe('deselect', () => onSelect([]));
     scatter.subscribe('view', drawLinks);
+    scatter.subscribe('lassoStart', onPointOut); // a tooltip left up would cover the lasso being drawn
     return scatter;
   }
 
