@@ -29,11 +29,11 @@ class EmbedConfig:
     decode: str = "auto"  # 'cpu', 'gpu' (nvJPEG), or 'auto': gpu when the device is CUDA
     projections: bool = True  # also store the expander outputs (the space VICReg aligns; retrieval uses it)
     # Small RGB and IR thumbnails of every sample (the explorer's images), made while the frames are decoded anyway,
-    # stored once per run and selection in RUN/embeddings/thumbnails.zarr and reused by every checkpoint.
+    # stored once per run and selection in RUN/embeddings/thumbnails-<selection>.zarr, reused by every checkpoint.
     thumbnails: bool = True
     thumb_size: tuple[int, int] = (48, 64)  # [H, W] of each modality's thumbnail (the sensors' 4:3)
-    # Above this many samples, a seeded random subset of this many gets thumbnails (t-SNE's rule: with seed 0 and
-    # tsne.max_points equal to it, every t-SNE point has one); 12 kB a sample before compression.
+    # Above this many samples, a random subset of this many gets thumbnails, drawn by t-SNE's rule with seed 0: with
+    # the analysis seed 0 and tsne.max_points equal to it, every t-SNE point has one; 12 kB a sample before compression.
     max_thumbs: int = 100_000
 
     def __post_init__(self) -> None:

@@ -254,7 +254,7 @@ def _prepare_thumbnails(run: RunDir, cfg: EmbedConfig, selection, selection_sha:
     data = config.data
     identity = thumbnail_identity(selection_sha, chunk_rows, cfg.thumb_size, cfg.max_thumbs, data.rgb_size,
                                   data.ir_size, data.ir_mean)
-    path = thumbnail_path(run.root)
+    path = thumbnail_path(run.root, selection_sha)
     try:
         existing = dict(zarr.open_group(str(path), mode="r").attrs) if path.exists() else None
     except Exception:  # noqa: BLE001 - unreadable: made anew below

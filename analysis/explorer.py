@@ -99,6 +99,7 @@ def write_explorer(out_dir: Path, keys: Sequence[str], columns: Mapping[str, np.
     cluster_columns = _cluster_columns(columns, cluster_column)
     encoded = [_encode_column(name, values, n, name in cluster_columns) for name, values in columns.items()]
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(out_dir)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         tmp.mkdir()
@@ -425,6 +426,14 @@ def _copy_assets(root: Path) -> None:
             raise FileNotFoundError(f"write_explorer: the page's asset {source} is missing from the installation")
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, root / name)
+
+
+def _remove_leftovers(out_dir: Path) -> None:
+    """Half-written pages and pages moved aside by a writer that was killed (SIGKILL runs no cleanup): never read,
+    only taking room."""
+    for pattern in (f".{out_dir.name}.tmp-*", f".{out_dir.name}.old-*"):
+        for leftover in out_dir.parent.glob(pattern):
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _swap_in(tmp: Path, out_dir: Path) -> None:

@@ -12,6 +12,7 @@ and said; only a run with no map at all gets no explorer.
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,21 +47,33 @@ class ExplorerInputs:
 
 
 def write_run_explorer(analysis, log=print) -> Path | None:
-    """``RUN/report/explorer/index.html`` for the trained checkpoint, or None (said) when it has no map yet."""
+    """``RUN/report/explorer/index.html`` for the trained checkpoint, or None (said) when it cannot be written now.
+
+    When it cannot, an explorer written before is removed, so the report never links a page of other samples or
+    weights; and a failure here (a map with non-finite points, an unreadable atlas) costs the explorer, not the
+    report."""
+    out = analysis.run.report_dir / "explorer"
     try:
-        inputs = collect_inputs(analysis.run, analysis.dataset, analysis.config.knn.cloud_bins, log)
-    except AnalysisError as exc:
-        log(f"explorer: not written: {exc}")
-        return None
+        page = _write_run_explorer(analysis, out, log)
+    except (AnalysisError, ValueError, OSError) as exc:
+        log(f"explorer: not written for {analysis.run.root}: {exc}")
+        page = None
+    if page is None:
+        shutil.rmtree(out, ignore_errors=True)
+    return page
+
+
+def _write_run_explorer(analysis, out: Path, log) -> Path | None:
+    inputs = collect_inputs(analysis.run, analysis.dataset, analysis.config.knn.cloud_bins, log)
     for note in inputs.notes:
         log(f"explorer: {note}")
     if not inputs.maps:
         log("explorer: not written: no t-SNE or PCA map of the trained checkpoint (run `analysis pca`)")
         return None
     cluster = "cluster_joint" if "cluster_joint" in inputs.columns else None
-    return write_explorer(analysis.run.report_dir / "explorer", list(inputs.keys), inputs.columns, inputs.maps,
-                          inputs.links, inputs.thumbnails, title=f"sagepairs explorer: {analysis.run.root.name}",
-                          dataset=inputs.dataset, cluster_column=cluster)
+    return write_explorer(out, list(inputs.keys), inputs.columns, inputs.maps, inputs.links, inputs.thumbnails,
+                          title=f"sagepairs explorer: {analysis.run.root.name}", dataset=inputs.dataset,
+                          cluster_column=cluster)
 
 
 def collect_inputs(run: RunDir, dataset: str | None = None, cloud_bins: tuple[float, ...] = (0.25, 0.75),
@@ -150,11 +163,14 @@ def _thumbnails(run: RunDir, emb: Embeddings, order: list, out_dir: Path, notes:
     """The run's thumbnails packed into atlases along ``order``'s maps; None (said) when there are none for these
     samples."""
     try:
-        store = open_thumbnails(thumbnail_path(run.root))
+        store = open_thumbnails(thumbnail_path(run.root, str(emb.attrs.get("selection_sha256", ""))))
     except AnalysisError as exc:
         notes.append(f"no thumbnails: {exc}")
         return None
     if store.attrs.get("selection_sha256") != emb.attrs.get("selection_sha256"):
         notes.append(f"no thumbnails: {store.path} holds other samples than {emb.path} (run `analysis embed`)")
         return None
+    missing = emb.n - int(store.attrs.get("thumbnailed", emb.n))
+    if missing:
+        notes.append(f"{missing:,} of {emb.n:,} samples have no thumbnail (embed.max_thumbs)")
     return pack_atlases(store, emb.n, order, out_dir, log=log)

@@ -1,4 +1,5 @@
-"""The thumbnail store: ``RUN/embeddings/thumbnails.zarr``, one per run and selection, shared by every checkpoint.
+"""The thumbnail store: ``RUN/embeddings/thumbnails-<selection>.zarr``, one per run and selection, shared by every
+checkpoint.
 
 `analysis embed` makes a small RGB and IR thumbnail of each sample while it decodes the frames anyway (see
 :mod:`analysis.thumbnails`); the explorer's atlases are packed from here (:mod:`analysis.atlas`). Nothing in it
@@ -42,8 +43,10 @@ __all__ = ["ThumbLayout", "ThumbnailStore", "thumb_layout", "thumbnail_identity"
 THUMBS_VERSION = 1
 
 
-def thumbnail_path(run_root: Path) -> Path:
-    return Path(run_root) / "embeddings" / "thumbnails.zarr"
+def thumbnail_path(run_root: Path, selection_sha: str) -> Path:
+    """The store of one selection (named by its fingerprint): embedding another --where makes its own store beside
+    this one instead of replacing it."""
+    return Path(run_root) / "embeddings" / f"thumbnails-{selection_sha[:16]}.zarr"
 
 
 @dataclass(frozen=True)

@@ -69,7 +69,8 @@ def _check_keys(catalog: Catalog, keys: list[str], source: str) -> None:
     if missing:
         examples = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
         raise CatalogError(f"{source}: {len(missing)} of {len(keys)} key(s) are not in the catalog of "
-                           f"{catalog.source} (e.g. {examples})")
+                           f"{catalog.source} (e.g. {examples}); export the keys from an explorer of this "
+                           "dataset, or select from the dataset they came from")
 
 
 def main(argv: list[str] | None = None) -> int:

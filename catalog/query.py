@@ -268,7 +268,7 @@ def open_catalog(dataset: str | os.PathLike[str], *, cache: str | os.PathLike[st
 
 def read_keys_csv(path: str | os.PathLike[str]) -> list[str]:
     """The ``key`` column of a CSV file (what the explorer exports), duplicates dropped, in file order; a missing
-    or unreadable file, or one without a ``key`` column, is a CatalogError naming it."""
+    or unreadable file, one without a ``key`` column or without any key, is a CatalogError naming it."""
     try:
         table = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(column_types={"key": pa.string()}))
     except FileNotFoundError:
@@ -278,7 +278,11 @@ def read_keys_csv(path: str | os.PathLike[str]) -> list[str]:
     if "key" not in table.column_names:
         raise CatalogError(f"{path}: no 'key' column (has {', '.join(table.column_names) or 'no columns'}); "
                            "expected a header line 'key' and one sample key per line")
-    return list(dict.fromkeys(k for k in table.column("key").to_pylist() if k))
+    keys = list(dict.fromkeys(k for k in table.column("key").to_pylist() if k))
+    if not keys:
+        raise CatalogError(f"{path}: no keys (a header line 'key' and nothing under it); export a selection that "
+                           "holds samples")
+    return keys
 
 
 def write_selection(selection: pa.Table, path: str | os.PathLike[str]) -> None:

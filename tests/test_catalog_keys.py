@@ -51,7 +51,9 @@ def test_unknown_keys_and_a_file_without_keys_are_one_line_naming_the_file(built
     assert len(err.splitlines()) == 1 and csv in err and "4 of 7 key(s) are not in the catalog" in err
     assert "W999_1, W999_2, W999_3, ..." in err and not out.exists()
     for bad, expected in ((write_keys(tmp_path / "nokey.csv", keys, header="name"), "no 'key' column (has name)"),
-                          (str(tmp_path / "absent.csv"), "no such keys file")):
+                          (str(tmp_path / "absent.csv"), "no such keys file"),
+                          # an empty selection's export: refused, not an empty Selection that fails later
+                          (write_keys(tmp_path / "empty.csv", []), "no keys (a header line 'key' and nothing under it)")):
         assert catalog_main(["select", str(built), "--keys", bad, "--out", str(out)]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and bad in err and expected in err, err

@@ -156,6 +156,11 @@ def test_rewrite_replaces_atomically(tmp_path, synth):
     assert meta_of(out)["title"] == "second" and len(meta_of(out)["maps"]) == 1
     assert not (out / "stale.txt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["explorer"]  # no temp or old dirs left
+    # What a writer killed mid-way left (SIGKILL runs no cleanup) goes with the next write.
+    for leftover in (".explorer.tmp-deadbeef", ".explorer.old-deadbeef"):
+        (tmp_path / leftover / "data").mkdir(parents=True)
+    write_explorer(out, synth.keys, synth.columns, synth.maps[:1], title="third")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["explorer"]
 
 
 def test_failed_write_leaves_the_old_page(tmp_path, synth, monkeypatch):

@@ -5,6 +5,8 @@ tests/test_analysis.py::test_all_writes_a_complete_report."""
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pyarrow.parquet as pq
 
@@ -53,3 +55,9 @@ def test_a_run_without_tsne_gets_pca_maps_every_key_and_thumbnails(trained_run_c
     csv.write_text("key\n" + "".join(f"{k}\n" for k in chosen))
     assert catalog_main(["select", str(built), "--keys", str(csv), "--out", str(tmp_path / "sel.parquet")]) == 0
     assert sorted(pq.read_table(tmp_path / "sel.parquet").column("key").to_pylist()) == sorted(chosen)
+    # An explorer that cannot be rewritten (the trained checkpoint's embeddings gone, e.g. re-embedding from another
+    # --where) is removed, not left linked from the new report.
+    shutil.rmtree(analysis.run.embeddings("last"))
+    report = analysis.report()
+    assert not index.parent.exists() and "explorer/index.html" not in report.read_text()
+    assert any("explorer: not written" in m for m in messages), messages
