@@ -263,7 +263,12 @@ def test_clicking_a_point_shows_it_in_the_sample_panel(open_page, synth):
     page = open_page()
     xy = screen_xy(page)
     p = isolated_point(page, xy)
-    page.mouse.click(*xy[p])
+    # As a user does: onto the point (its tooltip shows), then click. A click within one frame of a fast move can
+    # reach the plot's camera as a drag from where the mouse was before, which pans the map instead of selecting.
+    page.mouse.move(*xy[p])
+    page.wait_for_function("k => document.querySelector('#tooltip .key')?.textContent === k", arg=synth.keys[p])
+    page.mouse.down()
+    page.mouse.up()
     assert wait_selection(page, "0") == 1
     assert page.inner_text("#sample .key") == synth.keys[p]
     np.testing.assert_allclose(centre_colour(page, "#sample .thumb.rgb"), rgb_colours([p])[0], atol=4)
