@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from analysis.explorer import Thumbnails
+from analysis.explorer import Thumbnails, replace_dir
 from analysis.thumbstore import ThumbnailStore
 
 __all__ = ["hilbert_index", "atlas_order", "pack_atlases", "ATLAS_VERSION", "PER_ROW", "ROWS"]
@@ -128,7 +127,7 @@ def pack_atlases(store: ThumbnailStore, n: int, maps: Sequence[tuple[np.ndarray,
     np.savez(tmp / "index.npz", atlas=atlas, slot=slot, ir_range_c=ranges)
     (tmp / "atlas.json").write_text(json.dumps({"identity": identity, "atlases": names, "cell": [w, h],
                                                 "per_row": PER_ROW, "version": ATLAS_VERSION}) + "\n")
-    _swap(tmp, out_dir)
+    replace_dir(tmp, out_dir)
     size = sum((out_dir / name).stat().st_size for name in names)
     log(f"atlas: {len(order):,} thumbnails in {count} atlas(es) of {per_atlas} cells, {size / 1e6:.1f} MB "
         f"({size / max(len(order), 1) / 1e3:.1f} kB a sample) in {out_dir}")
@@ -159,16 +158,6 @@ def _thumbnails(out_dir: Path, names: list[str], cell: tuple[int, int], atlas, s
     return Thumbnails(atlases=[out_dir / name for name in names], cell=(int(cell[0]), int(cell[1])), per_row=PER_ROW,
                       atlas=np.asarray(atlas, dtype=np.int32), slot=np.asarray(slot, dtype=np.int32),
                       ir_range_c=np.asarray(ranges, dtype=np.float32))
-
-
-def _swap(tmp: Path, out_dir: Path) -> None:
-    """Replace ``out_dir`` by ``tmp`` (the old one renamed away first, then removed)."""
-    old = out_dir.with_name(out_dir.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out_dir.exists():
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _inferno() -> np.ndarray:

@@ -206,12 +206,7 @@ def _prepare(run: RunDir, checkpoint_name: str, where: str, cfg: EmbedConfig, da
     path = run.embeddings(checkpoint.name)
     n = selection.num_rows
     skip = False
-    existing = None
-    if path.exists():
-        try:
-            existing = dict(zarr.open_group(str(path), mode="r").attrs)
-        except Exception:  # noqa: BLE001 - unreadable: rebuilt below
-            existing = None
+    existing = _attrs_or_none(path)
     if existing is not None and existing.get("identity") == identity and existing.get("chunk_rows") == min(cfg.chunk_rows, n):
         embedded = skip = bool(existing.get("complete"))
     else:
@@ -245,6 +240,16 @@ def _prepare(run: RunDir, checkpoint_name: str, where: str, cfg: EmbedConfig, da
     return verdict, (checkpoint, selection, model, config)
 
 
+def _attrs_or_none(path: Path) -> dict | None:
+    """The attributes of the Zarr store at ``path``; None when there is none or it is unreadable (made anew)."""
+    if not path.exists():
+        return None
+    try:
+        return dict(zarr.open_group(str(path), mode="r").attrs)
+    except Exception:  # noqa: BLE001 - unreadable: the caller makes it anew
+        return None
+
+
 def _prepare_thumbnails(run: RunDir, cfg: EmbedConfig, selection, selection_sha: str, config, where: str,
                         root) -> Path:
     """Rank 0: the run's thumbnail store for this selection, reused when its identity is this one's, else made
@@ -255,10 +260,7 @@ def _prepare_thumbnails(run: RunDir, cfg: EmbedConfig, selection, selection_sha:
     identity = thumbnail_identity(selection_sha, chunk_rows, cfg.thumb_size, cfg.max_thumbs, data.rgb_size,
                                   data.ir_size, data.ir_mean)
     path = thumbnail_path(run.root, selection_sha)
-    try:
-        existing = dict(zarr.open_group(str(path), mode="r").attrs) if path.exists() else None
-    except Exception:  # noqa: BLE001 - unreadable: made anew below
-        existing = None
+    existing = _attrs_or_none(path)
     if existing is None or existing.get("identity") != identity:
         attrs = {"identity": identity, "where": where, "selection_sha256": selection_sha, "dataset": str(root),
                  "max_thumbs": cfg.max_thumbs, "rgb_size": list(data.rgb_size), "ir_size": list(data.ir_size),
@@ -349,9 +351,14 @@ def dino_scoring_arrays(model) -> dict[str, np.ndarray]:
     return arrays
 
 
-def _write_chunk(group, names: list[str], chunk: int, start: int, stop: int, arrays: dict, copied=None) -> None:
+def _when_copied(copied, write, *args) -> None:
+    """``write(*args)`` on the writer thread once a chunk's device-to-host copies (``copied``, None: none) landed."""
     if copied is not None:
-        copied.synchronize()  # the device-to-host copies of this chunk have landed
+        copied.synchronize()
+    write(*args)
+
+
+def _write_chunk(group, names: list[str], chunk: int, start: int, stop: int, arrays: dict) -> None:
     for name in names:
         group[name][start:stop] = arrays[name].numpy()
     group["done"][chunk] = 1  # after the rows: a chunk marked done is complete on disk
@@ -411,12 +418,13 @@ def _write_chunks(prefetch, model, autocast, group, names, n, chunk_rows, all_ke
                     if c in parts:
                         chunk = parts.pop(c)
                         arrays, copied = _to_host({name: torch.cat(chunk[name]) for name in names})
-                        pending.append(writer.submit(_write_chunk, group, names, c, start, stop, arrays, copied))
+                        pending.append(writer.submit(_when_copied, copied, _write_chunk, group, names, c, start, stop,
+                                                     arrays))
                     if c in thumb_parts:
                         made = thumb_parts.pop(c)
                         keep = torch.as_tensor(layout.chunk_rows_of(c) - start).to(made[0][0].device)
                         arrays, copied = _to_host({i: torch.cat([t[i] for t in made])[keep] for i in range(3)})
-                        pending.append(writer.submit(_write_thumbnails, thumbs, c, arrays, copied))
+                        pending.append(writer.submit(_when_copied, copied, _write_thumbnails, thumbs, c, arrays))
                     while pending and pending[0].done():
                         pending.pop(0).result()
     finally:
@@ -430,9 +438,7 @@ def _write_chunks(prefetch, model, autocast, group, names, n, chunk_rows, all_ke
     return warm
 
 
-def _write_thumbnails(group, chunk: int, arrays: dict, copied=None) -> None:
-    if copied is not None:
-        copied.synchronize()  # the device-to-host copies of this chunk have landed
+def _write_thumbnails(group, chunk: int, arrays: dict) -> None:
     write_thumbnail_chunk(group, chunk, arrays[0].numpy(), arrays[1].numpy(), arrays[2].numpy())
 
 

@@ -112,7 +112,7 @@ def write_explorer(out_dir: Path, keys: Sequence[str], columns: Mapping[str, np.
         meta["clusters"] = _cluster_summaries(encoded, cluster_columns, thumbnails)
         meta["clusterColumn"] = cluster_columns[0] if cluster_columns else None
         _write_js(tmp / "data" / "meta.js", f"window.SAGEPAIRS_EXPLORER = {json.dumps(meta, allow_nan=False)};\n")
-        _swap_in(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -429,16 +429,16 @@ def _copy_assets(root: Path) -> None:
 
 
 def _remove_leftovers(out_dir: Path) -> None:
-    """Half-written pages and pages moved aside by a writer that was killed (SIGKILL runs no cleanup): never read,
-    only taking room."""
-    for pattern in (f".{out_dir.name}.tmp-*", f".{out_dir.name}.old-*"):
-        for leftover in out_dir.parent.glob(pattern):
-            shutil.rmtree(leftover, ignore_errors=True)
+    """Half-written pages of a writer that was killed (SIGKILL runs no cleanup): never read, only taking room."""
+    for leftover in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
-def _swap_in(tmp: Path, out_dir: Path) -> None:
-    """Puts the finished tmp at out_dir: the old page (if any) moves aside by one rename and the new one in by
-    another, then the old one is deleted."""
+def replace_dir(tmp: Path, out_dir: Path) -> None:
+    """Puts the finished ``tmp`` at ``out_dir``: the old one (if any) moves aside by one rename and the new one in
+    by another, then the old one is deleted, and with it any that a swap killed between its renames left aside."""
+    for leftover in out_dir.parent.glob(f".{out_dir.name}.old-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
     old = None
     if out_dir.exists():
         old = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}")

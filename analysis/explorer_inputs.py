@@ -167,9 +167,6 @@ def _thumbnails(run: RunDir, emb: Embeddings, order: list, out_dir: Path, notes:
     except AnalysisError as exc:
         notes.append(f"no thumbnails: {exc}")
         return None
-    if store.attrs.get("selection_sha256") != emb.attrs.get("selection_sha256"):
-        notes.append(f"no thumbnails: {store.path} holds other samples than {emb.path} (run `analysis embed`)")
-        return None
     missing = emb.n - int(store.attrs.get("thumbnailed", emb.n))
     if missing:
         notes.append(f"{missing:,} of {emb.n:,} samples have no thumbnail (embed.max_thumbs)")
